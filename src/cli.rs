@@ -1,0 +1,49 @@
+//! The command line (SPEC §7).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ttspool",
+    version,
+    about = "Turns JSONL task files dropped into a spool folder into speech",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Config file (default: $TTSPOOL_CONFIG, else ./ttspool.toml).
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Run {
+        /// Drain what is pending now, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate task files, then publish them atomically into pending/.
+    Submit {
+        /// Task files, or - for standard input.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Validate the config (and task files, if given).
+    Check {
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Show counts, or the records of one task.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// A task id.
+        id: Option<String>,
+    },
+}

@@ -1,0 +1,456 @@
+//! The typed configuration (`ttspool.toml`).
+//!
+//! Every key of SPEC §6 lives here with its default as a named function, so the
+//! defaults are documented in one place and a test can read them. Unknown keys
+//! are refused (`deny_unknown_fields`) because a typo in a production config
+//! must not silently fall back to a default. Relative paths are resolved
+//! against the folder of the config file, not the daemon's working directory,
+//! so a systemd unit and an operator's shell see the same spool.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// Where the config came from and why it could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no config file: pass -c FILE, set $TTSPOOL_CONFIG, or create ./ttspool.toml")]
+    NotFound,
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// A duration written as a human string (`"500ms"`, `"2s"`, `"10m"`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl fmt::Debug for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"2s\", \"10m\"")))
+    }
+}
+
+/// How the spool folder is watched for new files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// inotify on local disks, polling on NFS/SMB/FUSE (decided with statfs).
+    Auto,
+    /// Always use filesystem notifications (plus the periodic rescan).
+    Notify,
+    /// Only the periodic rescan.
+    Poll,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub gpu: GpuConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// The file this config was read from (set after parsing).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// The spool folder: `pending/`, the record logs and `.ttspool/` live here.
+    #[serde(default = "default_spool_dir")]
+    pub dir: PathBuf,
+    /// `auto` | `notify` | `poll`.
+    #[serde(default = "default_watch")]
+    pub watch: WatchMode,
+    /// Full rescan period; runs with notify too, because events get lost.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: Dur,
+    /// How long a final line without `\n` (and a consumed file) must stay unchanged.
+    #[serde(default = "default_settle")]
+    pub settle: Dur,
+    /// This daemon's unique name among those sharing the spool; default: host name.
+    #[serde(default)]
+    pub instance: String,
+    /// After this long without a heartbeat a daemon's claims are taken over.
+    #[serde(default = "default_lease")]
+    pub lease: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Where `<output_name>.wav` files are written.
+    #[serde(default = "default_output_dir")]
+    pub dir: PathBuf,
+}
+
+/// Which engine runs the tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// One child per task, `engine.argv` with placeholders, no shell.
+    Command,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    #[serde(default = "default_engine_kind")]
+    pub kind: EngineKind,
+    /// The command and its arguments; placeholders `{input_text}` `{output}`
+    /// `{output_name}` `{id}` `{prompt_audio}` `{prompt_text}`.
+    #[serde(default = "default_argv")]
+    pub argv: Vec<String>,
+    /// `prompt_audio` is resolved against this folder and must stay inside it.
+    #[serde(default = "default_voices_dir")]
+    pub voices_dir: PathBuf,
+    /// Per task; then the child's process group gets SIGTERM.
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+    /// Between SIGTERM and SIGKILL.
+    #[serde(default = "default_kill_grace")]
+    pub kill_grace: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Device ids given to children as `CUDA_VISIBLE_DEVICES`; empty: no GPUs.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Children at once per device.
+    #[serde(default = "default_slots_per_device")]
+    pub slots_per_device: usize,
+    /// Children at once when `devices` is empty.
+    #[serde(default = "default_max_parallel")]
+    pub max_parallel: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Runs of one task in total, the first included.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the second run; doubles for each further one.
+    #[serde(default = "default_backoff")]
+    pub backoff: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Characters of `input_text`, at most.
+    #[serde(default = "default_max_text_chars")]
+    pub max_text_chars: usize,
+    /// Bytes of one task line, at most; longer lines are failed unread.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long running children may finish after SIGTERM before they are killed.
+    #[serde(default = "default_grace")]
+    pub grace: Dur,
+}
+
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("spool")
+}
+fn default_watch() -> WatchMode {
+    WatchMode::Auto
+}
+fn default_poll_interval() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn default_settle() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn default_lease() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_output_dir() -> PathBuf {
+    PathBuf::from("spool/outputs")
+}
+fn default_engine_kind() -> EngineKind {
+    EngineKind::Command
+}
+fn default_argv() -> Vec<String> {
+    ["espeak-ng", "-v", "cmn", "-w", "{output}", "{input_text}"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_voices_dir() -> PathBuf {
+    PathBuf::from("voices")
+}
+fn default_timeout() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+fn default_kill_grace() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_slots_per_device() -> usize {
+    1
+}
+fn default_max_parallel() -> usize {
+    2
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_backoff() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_max_text_chars() -> usize {
+    5000
+}
+fn default_max_line_bytes() -> usize {
+    1 << 20
+}
+fn default_grace() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+macro_rules! default_via_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                // The empty table yields every field's named default function.
+                toml::from_str("").expect("defaults deserialize")
+            }
+        }
+    )*};
+}
+default_via_serde!(
+    SpoolConfig,
+    OutputConfig,
+    EngineConfig,
+    GpuConfig,
+    RetryConfig,
+    LimitsConfig,
+    ShutdownConfig
+);
+
+impl Config {
+    /// Finds the config: `-c FILE`, else `$TTSPOOL_CONFIG`, else `./ttspool.toml`.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        if let Some(p) = explicit {
+            return Ok(p.to_path_buf());
+        }
+        if let Some(p) = std::env::var_os("TTSPOOL_CONFIG").filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(p));
+        }
+        let local = PathBuf::from("ttspool.toml");
+        if local.exists() {
+            Ok(local)
+        } else {
+            Err(ConfigError::NotFound)
+        }
+    }
+
+    /// Reads, parses, resolves and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: one_line_toml_error(&e),
+        })?;
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.path = abs;
+        for p in [
+            &mut cfg.spool.dir,
+            &mut cfg.output.dir,
+            &mut cfg.engine.voices_dir,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if cfg.spool.instance.is_empty() {
+            cfg.spool.instance = default_instance();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| ConfigError::Invalid {
+            path: self.path.clone(),
+            key,
+            message: message.to_string(),
+        };
+        if self.engine.argv.is_empty() {
+            return Err(bad("engine.argv", "must name a command, e.g. [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]"));
+        }
+        if !self.engine.argv.iter().any(|a| a.contains("{output}")) {
+            return Err(bad("engine.argv", "must contain {output}: the engine writes the WAV there"));
+        }
+        if self.gpu.devices.is_empty() && self.gpu.max_parallel == 0 {
+            return Err(bad("gpu.max_parallel", "must be at least 1"));
+        }
+        if !self.gpu.devices.is_empty() && self.gpu.slots_per_device == 0 {
+            return Err(bad("gpu.slots_per_device", "must be at least 1"));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(bad("retry.max_attempts", "must be at least 1 (it counts the first run)"));
+        }
+        if self.limits.max_line_bytes < 64 {
+            return Err(bad("limits.max_line_bytes", "must be at least 64"));
+        }
+        if self.limits.max_text_chars == 0 {
+            return Err(bad("limits.max_text_chars", "must be at least 1"));
+        }
+        if self.spool.lease.0 < Duration::from_secs(2) {
+            return Err(bad("spool.lease", "must be at least 2s"));
+        }
+        if self.engine.timeout.0.is_zero() {
+            return Err(bad("engine.timeout", "must be more than 0"));
+        }
+        let inst = &self.spool.instance;
+        if inst.len() > 100
+            || !inst
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(bad("spool.instance", "must be 1-100 characters of A-Z a-z 0-9 - _ ."));
+        }
+        Ok(())
+    }
+
+    /// How many children may run at once.
+    pub fn slot_count(&self) -> usize {
+        if self.gpu.devices.is_empty() {
+            self.gpu.max_parallel
+        } else {
+            self.gpu.devices.len() * self.gpu.slots_per_device
+        }
+    }
+}
+
+/// The host name, made safe for a file name.
+fn default_instance() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    let s: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if s.is_empty() {
+        "localhost".into()
+    } else {
+        s
+    }
+}
+
+fn one_line_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/ttspool/ttspool.toml"))
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = parse("").unwrap();
+        assert_eq!(c.spool.dir, PathBuf::from("/etc/ttspool/spool"));
+        assert_eq!(c.output.dir, PathBuf::from("/etc/ttspool/spool/outputs"));
+        assert_eq!(c.spool.lease.0, Duration::from_secs(60));
+        assert_eq!(c.spool.settle.0, Duration::from_secs(2));
+        assert_eq!(c.engine.timeout.0, Duration::from_secs(600));
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.limits.max_line_bytes, 1048576);
+        assert_eq!(c.slot_count(), 2);
+        assert!(!c.spool.instance.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[spool]\nsettel = \"2s\"\n").unwrap_err().to_string();
+        assert!(e.contains("settel"), "{e}");
+        assert!(e.contains("/etc/ttspool/ttspool.toml"), "{e}");
+        let e = parse("[spol]\n").unwrap_err().to_string();
+        assert!(e.contains("spol"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_says_how_to_write_one() {
+        let e = parse("[engine]\ntimeout = \"ten\"\n").unwrap_err().to_string();
+        assert!(e.contains("invalid duration") && e.contains("10m"), "{e}");
+    }
+
+    #[test]
+    fn gpu_slots() {
+        let c = parse("[gpu]\ndevices = [\"0\", \"1\"]\nslots_per_device = 2\n").unwrap();
+        assert_eq!(c.slot_count(), 4);
+    }
+
+    #[test]
+    fn argv_needs_output() {
+        let e = parse("[engine]\nargv = [\"true\"]\n").unwrap_err().to_string();
+        assert!(e.contains("engine.argv") && e.contains("{output}"), "{e}");
+    }
+}

@@ -1,0 +1,696 @@
+//! The wiring: one event loop that connects the spool, the scheduler, the
+//! engine and the record logs.
+//!
+//! Everything that happens — a notification, a poll tick, a claim coming back
+//! from the blocking pool, a child finishing, a record becoming durable, a
+//! signal — becomes an [`Event`] handled by [`Daemon::handle`], followed by
+//! [`Daemon::pump`], which starts what can start. Disk work that fsyncs
+//! (claims, takeovers) runs on the blocking pool; record appends run on the
+//! committer thread, which groups whatever is ready into one write and one
+//! fsync per log. Children are spawned only from the runtime's main thread
+//! (see process.rs for why).
+//!
+//! Finishing a task is one place, [`Daemon::finish`]: build the record, send
+//! it to the committer. When the committer reports it durable, the line is
+//! removed from its lease, and an exhausted lease is deleted.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::engine::{self, Engine, Job, Outcome, Slot};
+use crate::scheduler::{backoff, ClaimRef, Scheduler, Work};
+use crate::spool::claim::{self, Batch, ClaimError, Claimed, Claimer, Held, HeldSet};
+use crate::spool::lines::{Line, RAW_KEEP};
+use crate::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
+use crate::spool::{watch as spool_watch, Spool};
+use crate::task::{self, parse_line, TaskRules};
+use crate::util::{cut, now_rfc3339};
+
+/// Signals the daemon reacts to (injected, so tests need no real handlers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    /// SIGTERM / SIGINT: staged stop; the second one kills children at once.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
+#[derive(Debug)]
+pub struct Options {
+    /// Drain what is pending now, then exit.
+    pub once: bool,
+}
+
+/// A record on its way to disk, with the lease it settles.
+struct Commit {
+    record: Record,
+    lease: PathBuf,
+    token: String,
+    line: u64,
+}
+
+enum Event {
+    Hint,
+    Tick,
+    Beat,
+    Claimed(Result<Batch, ClaimError>),
+    TakenOver(Result<Vec<(Held, Vec<Claimed>)>, ClaimError>),
+    Finished {
+        slot: Slot,
+        work: Work,
+        outcome: Outcome,
+        started_at: String,
+    },
+    RetryDue(Work),
+    /// Records now durable (`true`) or dropped because the lease was taken
+    /// over by another daemon (`false`).
+    Committed(Vec<(Record, PathBuf, u64, bool)>),
+    CommitFailed(String),
+    Signal(Sig),
+    GraceOver,
+}
+
+pub struct Daemon {
+    cfg: Config,
+    opts: Options,
+    rules: TaskRules,
+    engine: Arc<Engine>,
+    claimer: Arc<Mutex<Claimer>>,
+    held: HeldSet,
+    sched: Scheduler,
+    tx: mpsc::UnboundedSender<Event>,
+    commit_tx: std::sync::mpsc::Sender<Commit>,
+    cancel: watch::Sender<bool>,
+    /// Outstanding lines per lease we hold.
+    leases: HashMap<PathBuf, Vec<u64>>,
+    instance: String,
+    dirty: bool,
+    claiming: bool,
+    taking_over: bool,
+    recovered: bool,
+    last_claim_empty: bool,
+    waiting_partial: bool,
+    retries: usize,
+    uncommitted: usize,
+    stopping: u8,
+    fatal: Option<String>,
+}
+
+/// Runs the daemon until it is told to stop (or, with `once`, runs dry).
+pub async fn run(cfg: Config, opts: Options, mut signals: mpsc::UnboundedReceiver<Sig>) -> anyhow::Result<()> {
+    let spool = Spool::new(&cfg.spool.dir);
+    let claimer = Claimer::open(
+        &spool,
+        &cfg.spool.instance,
+        cfg.limits.max_line_bytes,
+        cfg.spool.settle.0,
+        cfg.spool.lease.0,
+    )?;
+    std::fs::create_dir_all(&cfg.output.dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create output.dir {}: {}",
+            cfg.output.dir.display(),
+            crate::util::io_msg(&e)
+        )
+    })?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+    let log = RecordLog::new(&spool);
+    let ctx = tx.clone();
+    std::thread::Builder::new()
+        .name("ttspool-records".into())
+        .spawn(move || committer(log, commit_rx, ctx))?;
+    let htx = tx.clone();
+    let hints = spool_watch::watch(&spool.pending(), cfg.spool.watch, move || {
+        let _ = htx.send(Event::Hint);
+    });
+    info!(
+        instance = %cfg.spool.instance,
+        spool = %spool.root.display(),
+        watch = hints.mode,
+        slots = cfg.slot_count(),
+        engine = ?cfg.engine.kind,
+        "ttspool started"
+    );
+    let held = claimer.held();
+    let mut d = Daemon {
+        rules: TaskRules::from_config(&cfg),
+        engine: Arc::new(Engine::from_config(&cfg)),
+        sched: Scheduler::new(engine::slots(&cfg)),
+        instance: cfg.spool.instance.clone(),
+        claimer: Arc::new(Mutex::new(claimer)),
+        held,
+        tx,
+        commit_tx,
+        cancel: watch::channel(false).0,
+        leases: HashMap::new(),
+        dirty: true,
+        claiming: false,
+        taking_over: false,
+        recovered: false,
+        last_claim_empty: false,
+        waiting_partial: false,
+        retries: 0,
+        uncommitted: 0,
+        stopping: 0,
+        fatal: None,
+        opts,
+        cfg,
+    };
+    let mut poll = tokio::time::interval(d.cfg.spool.poll_interval.0);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let beat_every = (d.cfg.spool.lease.0 / 4).max(Duration::from_millis(250));
+    let mut beat = tokio::time::interval(beat_every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        d.pump();
+        if let Some(f) = d.fatal.take() {
+            anyhow::bail!(f);
+        }
+        if d.done() {
+            break;
+        }
+        let ev = tokio::select! {
+            Some(ev) = rx.recv() => ev,
+            Some(sig) = signals.recv() => Event::Signal(sig),
+            _ = poll.tick() => Event::Tick,
+            _ = beat.tick() => Event::Beat,
+        };
+        d.handle(ev);
+    }
+    d.hand_back_all();
+    drop(hints);
+    info!(instance = %d.instance, "ttspool stopped");
+    Ok(())
+}
+
+impl Daemon {
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Hint | Event::Tick => self.dirty = true,
+            Event::Beat => self.start_takeover(),
+            Event::Claimed(res) => {
+                self.claiming = false;
+                match res {
+                    Ok(batch) => self.claimed(batch),
+                    Err(e) => {
+                        error!("claiming failed: {e}");
+                        self.last_claim_empty = true;
+                    }
+                }
+            }
+            Event::TakenOver(res) => {
+                self.taking_over = false;
+                self.recovered = true;
+                match res {
+                    Ok(list) => {
+                        for (held, lines) in list {
+                            self.adopt(held, lines);
+                        }
+                    }
+                    Err(e) => error!("checking for abandoned claims failed: {e}"),
+                }
+            }
+            Event::Finished {
+                slot,
+                work,
+                outcome,
+                started_at,
+            } => {
+                self.sched.finish(&slot, &work.job.output);
+                self.dirty = true;
+                self.finished(slot, work, outcome, started_at);
+            }
+            Event::RetryDue(w) => {
+                self.retries -= 1;
+                if self.stopping == 0 {
+                    self.sched.push_front(w);
+                }
+            }
+            Event::Committed(list) => {
+                for (rec, lease, line, written) in list {
+                    self.uncommitted -= 1;
+                    let c = rec.common();
+                    if written {
+                        info!(id = %c.id, trace_id = %c.trace_id, stage = rec.status(), file = %c.source.file, line = c.source.line, "{}", describe(&rec));
+                    } else {
+                        warn!(id = %c.id, trace_id = %c.trace_id, "record dropped: another daemon took over this claim meanwhile");
+                    }
+                    self.settle_line(&lease, line);
+                }
+                self.dirty = true;
+            }
+            Event::CommitFailed(msg) => {
+                self.fatal = Some(format!("cannot write records: {msg}"));
+            }
+            Event::Signal(Sig::Stop) => {
+                self.stopping += 1;
+                if self.stopping == 1 {
+                    info!(
+                        running = self.sched.busy(),
+                        grace = %humantime::format_duration(self.cfg.shutdown.grace.0),
+                        "stopping: no new claims; waiting for running tasks"
+                    );
+                    let tx = self.tx.clone();
+                    let grace = self.cfg.shutdown.grace.0;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        let _ = tx.send(Event::GraceOver);
+                    });
+                } else {
+                    warn!("second stop signal: killing running tasks now");
+                    let _ = self.cancel.send(true);
+                }
+            }
+            Event::Signal(Sig::Reload) => {
+                warn!("SIGHUP: live config reload is not supported yet; restart ttspool to apply config changes");
+            }
+            Event::GraceOver => {
+                if self.sched.busy() > 0 {
+                    warn!(running = self.sched.busy(), "shutdown.grace is over: killing running tasks; they are handed back");
+                }
+                let _ = self.cancel.send(true);
+            }
+        }
+    }
+
+    /// True when the loop may end.
+    fn done(&self) -> bool {
+        let idle = self.sched.busy() == 0 && self.uncommitted == 0 && !self.claiming && !self.taking_over;
+        if self.stopping > 0 {
+            return idle;
+        }
+        self.opts.once
+            && idle
+            && self.recovered
+            && self.sched.queued() == 0
+            && self.retries == 0
+            && !self.dirty
+            && self.last_claim_empty
+            && !self.waiting_partial
+    }
+
+    /// Starts whatever can start: takeover at startup, runs, claims.
+    fn pump(&mut self) {
+        if !self.recovered {
+            self.start_takeover();
+            return; // recover our own claims before claiming new lines
+        }
+        if self.stopping > 0 {
+            for w in self.sched.take_queue() {
+                drop(w); // its lease is handed back when we exit
+            }
+            return;
+        }
+        while let Some((slot, work)) = self.sched.next() {
+            if work.job.output.exists() {
+                self.sched.finish(&slot, &work.job.output);
+                self.skip(work);
+                continue;
+            }
+            self.start(slot, work);
+        }
+        let want = (self.sched.slot_count() * 2).saturating_sub(self.sched.queued() + self.sched.busy());
+        if self.dirty && !self.claiming && want > 0 {
+            self.dirty = false;
+            self.claiming = true;
+            let c = self.claimer.clone();
+            let tx = self.tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let res = c.lock().expect("claimer").claim(want);
+                let _ = tx.send(Event::Claimed(res));
+            });
+        }
+    }
+
+    fn start_takeover(&mut self) {
+        if self.taking_over {
+            return;
+        }
+        self.taking_over = true;
+        let c = self.claimer.clone();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let res = c.lock().expect("claimer").take_over();
+            let _ = tx.send(Event::TakenOver(res));
+        });
+    }
+
+    fn claimed(&mut self, batch: Batch) {
+        self.last_claim_empty = batch.lines.is_empty();
+        if batch.lines.len() as u64 > 0 {
+            self.dirty = true; // there may be more
+        }
+        self.waiting_partial = batch.waiting;
+        if batch.waiting {
+            // Look again once the partial line may have settled.
+            let tx = self.tx.clone();
+            let settle = self.cfg.spool.settle.0 + Duration::from_millis(50);
+            tokio::spawn(async move {
+                tokio::time::sleep(settle).await;
+                let _ = tx.send(Event::Hint);
+            });
+        }
+        for f in &batch.consumed {
+            info!(file = %f, "file fully recorded; moved to pending/.consumed/");
+        }
+        for held in batch.leases {
+            self.leases.insert(held.path, held.doc.lines);
+        }
+        for c in batch.lines {
+            self.accept(c);
+        }
+    }
+
+    fn adopt(&mut self, held: Held, lines: Vec<Claimed>) {
+        self.leases
+            .insert(held.path, lines.iter().map(|c| c.no).collect());
+        for c in lines {
+            self.accept(c);
+        }
+    }
+
+    /// A freshly claimed line: parse it, then fail, skip or queue it.
+    fn accept(&mut self, c: Claimed) {
+        let claimed_at = now_rfc3339();
+        let trace_id = ulid::Ulid::new().to_string().to_lowercase();
+        let cref = ClaimRef {
+            lease: c.lease,
+            token: c.token,
+            file: c.file,
+            file_id: c.file_id,
+            line: c.no,
+        };
+        let invalid = |this: &mut Self, id: String, message: String, raw: String, task: Option<task::Task>| {
+            warn!(id = %id, trace_id = %trace_id, stage = "failed", file = %cref.file, line = cref.line, "invalid task: {message}");
+            let common = this.common(&cref, id, trace_id.clone());
+            this.commit(
+                cref.clone(),
+                Record::Failed {
+                    common,
+                    kind: ErrorKind::InvalidTask,
+                    message,
+                    attempts: 0,
+                    raw: if task.is_none() { Some(raw) } else { None },
+                    task,
+                    stderr_tail: None,
+                },
+            );
+        };
+        let bytes = match c.line {
+            Err(msg) => return invalid(self, format!("{}:{}", cref.file, cref.line), msg, String::new(), None),
+            Ok(Line::TooLong { len, head, .. }) => {
+                let msg = format!(
+                    "line is {len} bytes, more than limits.max_line_bytes = {}",
+                    self.cfg.limits.max_line_bytes
+                );
+                let raw = String::from_utf8_lossy(&head).into_owned();
+                return invalid(self, format!("{}:{}", cref.file, cref.line), msg, raw, None);
+            }
+            Ok(Line::Text { bytes, .. }) => bytes,
+        };
+        let task = match parse_line(&bytes, &self.rules) {
+            Ok(t) => t,
+            Err(e) => {
+                let raw = cut(&String::from_utf8_lossy(&bytes), RAW_KEEP).to_string();
+                let id = guess_id(&bytes).unwrap_or_else(|| format!("{}:{}", cref.file, cref.line));
+                return invalid(self, id, format!("{}:{}: {}", cref.file, cref.line, e.0), raw, None);
+            }
+        };
+        let prompt_audio = match &task.prompt_audio {
+            Some(p) => match task::resolve_voice(&self.rules.voices_dir, p) {
+                Ok(p) => Some(p),
+                Err(m) => {
+                    let id = task.id.clone();
+                    return invalid(self, id, format!("{}:{}: prompt_audio: {m}", cref.file, cref.line), String::new(), Some(task));
+                }
+            },
+            None => None,
+        };
+        info!(id = %task.id, trace_id = %trace_id, stage = "claimed", file = %cref.file, line = cref.line, "claimed");
+        let work = Work {
+            claim: cref,
+            job: Job {
+                output: task::output_path(&self.cfg.output.dir, &task.output_name),
+                task,
+                prompt_audio,
+                trace_id,
+            },
+            claimed_at,
+            attempts: 0,
+        };
+        if work.job.output.exists() {
+            self.skip(work);
+        } else {
+            self.sched.push(work);
+        }
+    }
+
+    fn common(&self, c: &ClaimRef, id: String, trace_id: String) -> Common {
+        Common {
+            id,
+            source: Source {
+                file: c.file.clone(),
+                line: c.line,
+            },
+            trace_id,
+            instance: self.instance.clone(),
+            file_id: c.file_id.clone(),
+        }
+    }
+
+    fn skip(&mut self, w: Work) {
+        let common = self.common(&w.claim, w.job.task.id.clone(), w.job.trace_id.clone());
+        self.commit(
+            w.claim.clone(),
+            Record::Done {
+                common,
+                skipped: true,
+                output: w.job.output,
+                attempts: w.attempts,
+                engine: self.engine.name().to_string(),
+                gpu: None,
+                claimed_at: w.claimed_at,
+                started_at: None,
+                run_ms: 0,
+                task: w.job.task,
+            },
+        );
+    }
+
+    fn start(&mut self, slot: Slot, mut work: Work) {
+        work.attempts += 1;
+        let started_at = now_rfc3339();
+        info!(id = %work.job.task.id, trace_id = %work.job.trace_id, stage = "started", slot = slot.index, gpu = ?slot.device, attempt = work.attempts, "started");
+        let engine = self.engine.clone();
+        let tx = self.tx.clone();
+        let cancel = self.cancel.subscribe();
+        tokio::spawn(async move {
+            let mut outcomes = engine
+                .run_batch(std::slice::from_ref(&work.job), &slot, cancel)
+                .await;
+            let outcome = outcomes.pop().unwrap_or(Outcome::Cancelled);
+            let _ = tx.send(Event::Finished {
+                slot,
+                work,
+                outcome,
+                started_at,
+            });
+        });
+    }
+
+    fn finished(&mut self, slot: Slot, work: Work, outcome: Outcome, started_at: String) {
+        let id = work.job.task.id.clone();
+        let trace = work.job.trace_id.clone();
+        match outcome {
+            Outcome::Cancelled => {
+                info!(id = %id, trace_id = %trace, "stopped by shutdown; handed back");
+            }
+            Outcome::Completed { run_ms } => {
+                let common = self.common(&work.claim, id, trace);
+                self.commit(
+                    work.claim.clone(),
+                    Record::Done {
+                        common,
+                        skipped: false,
+                        output: work.job.output,
+                        attempts: work.attempts,
+                        engine: self.engine.name().to_string(),
+                        gpu: slot.device,
+                        claimed_at: work.claimed_at,
+                        started_at: Some(started_at),
+                        run_ms,
+                        task: work.job.task,
+                    },
+                );
+            }
+            Outcome::Failed {
+                kind,
+                message,
+                stderr_tail,
+                ..
+            } => {
+                if kind.retryable() && work.attempts < self.cfg.retry.max_attempts && self.stopping == 0 {
+                    let wait = backoff(self.cfg.retry.backoff.0, work.attempts);
+                    warn!(id = %id, trace_id = %trace, stage = "retrying", kind = kind.as_str(), attempt = work.attempts, wait = %humantime::format_duration(wait), "{message}");
+                    self.retries += 1;
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        let _ = tx.send(Event::RetryDue(work));
+                    });
+                    return;
+                }
+                if kind.retryable() && self.stopping > 0 && work.attempts < self.cfg.retry.max_attempts {
+                    info!(id = %id, trace_id = %trace, "failed during shutdown; handed back for a retry");
+                    return;
+                }
+                let common = self.common(&work.claim, id, trace);
+                self.commit(
+                    work.claim.clone(),
+                    Record::Failed {
+                        common,
+                        kind,
+                        message,
+                        attempts: work.attempts,
+                        task: Some(work.job.task),
+                        raw: None,
+                        stderr_tail: Some(stderr_tail),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The one place a task is finished: its record goes to the committer.
+    fn commit(&mut self, c: ClaimRef, record: Record) {
+        self.uncommitted += 1;
+        if self
+            .commit_tx
+            .send(Commit {
+                record,
+                lease: c.lease,
+                token: c.token,
+                line: c.line,
+            })
+            .is_err()
+        {
+            self.fatal = Some("the record writer stopped".into());
+        }
+    }
+
+    /// A line's record is durable: drop it from its lease, and delete the
+    /// lease once all its lines are done.
+    fn settle_line(&mut self, lease: &PathBuf, line: u64) {
+        if let Some(lines) = self.leases.get_mut(lease) {
+            lines.retain(|&l| l != line);
+            if lines.is_empty() {
+                self.leases.remove(lease);
+                claim::release(&self.held, lease);
+            }
+        }
+    }
+
+    /// On exit: leases with unfinished lines go back for anyone to take.
+    fn hand_back_all(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        let c = self.claimer.lock().expect("claimer");
+        let mut n = 0;
+        for (lease, lines) in self.leases.drain() {
+            n += lines.len();
+            if let Err(e) = c.hand_back(&lease) {
+                error!("{e}");
+            }
+        }
+        info!(tasks = n, "handed back unfinished tasks");
+    }
+}
+
+fn describe(rec: &Record) -> String {
+    match rec {
+        Record::Done { skipped: true, .. } => "output exists; skipped".into(),
+        Record::Done { run_ms, attempts, .. } => format!("completed in {run_ms} ms (attempt {attempts})"),
+        Record::Failed { kind, message, .. } => format!("failed ({}): {message}", kind.as_str()),
+    }
+}
+
+/// The id of an invalid line, if it has a usable one.
+fn guess_id(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let s = v
+        .get("id")
+        .or_else(|| v.get("output_name"))
+        .or_else(|| v.get("uttid"))?
+        .as_str()?;
+    (!s.is_empty() && s.len() <= 200).then(|| s.to_string())
+}
+
+/// The committer thread: group commit of records, then report them durable.
+fn committer(
+    log: RecordLog,
+    rx: std::sync::mpsc::Receiver<Commit>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        match write_batch(&log, &batch) {
+            Ok(written) => {
+                let list = batch
+                    .into_iter()
+                    .zip(written)
+                    .map(|(c, w)| (c.record, c.lease, c.line, w))
+                    .collect();
+                let _ = tx.send(Event::Committed(list));
+            }
+            Err(e) => {
+                let _ = tx.send(Event::CommitFailed(format!(
+                    "{} / {}: {e}",
+                    log.done.display(),
+                    log.failed.display()
+                )));
+                return;
+            }
+        }
+    }
+}
+
+/// Appends a batch under the records lock, leaving out records whose lease
+/// another daemon has taken over (it re-runs those lines itself).
+fn write_batch(log: &RecordLog, batch: &[Commit]) -> std::io::Result<Vec<bool>> {
+    let _g = log.lock()?;
+    let mut ours: HashMap<&PathBuf, bool> = HashMap::new();
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    let mut written = Vec::with_capacity(batch.len());
+    for c in batch {
+        let ok = *ours
+            .entry(&c.lease)
+            .or_insert_with(|| claim::still_ours(&c.lease, &c.token));
+        written.push(ok);
+        if ok {
+            let line = c.record.to_line();
+            if c.record.is_done() {
+                done.push(line);
+            } else {
+                failed.push(line);
+            }
+        }
+    }
+    RecordLog::append_locked(&log.done, &done)?;
+    RecordLog::append_locked(&log.failed, &failed)?;
+    Ok(written)
+}

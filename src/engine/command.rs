@@ -1,0 +1,184 @@
+//! `engine.kind = "command"`: one child per task, argv with placeholders and
+//! no shell, so text with quotes or `$(...)` is only ever an argument.
+//!
+//! The child writes to a hidden temporary path next to the final one; only a
+//! non-empty RIFF/WAVE file from a child that exited 0 is fsynced and renamed
+//! onto the final name, so a partial file never appears there.
+
+use std::path::{Path, PathBuf};
+
+use tokio::sync::watch;
+
+use super::{is_wav, Job, Outcome, Slot};
+use crate::config::Config;
+use crate::process::{self, ChildSpec, Exit};
+use crate::spool::records::ErrorKind;
+use crate::util::{fsync_dir, io_msg};
+
+pub struct CommandEngine {
+    argv: Vec<String>,
+    timeout: std::time::Duration,
+    kill_grace: std::time::Duration,
+    name: String,
+}
+
+impl CommandEngine {
+    pub fn new(cfg: &Config) -> CommandEngine {
+        let prog = Path::new(&cfg.engine.argv[0])
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| cfg.engine.argv[0].clone());
+        CommandEngine {
+            argv: cfg.engine.argv.clone(),
+            timeout: cfg.engine.timeout.0,
+            kill_grace: cfg.engine.kill_grace.0,
+            name: format!("command:{prog}"),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The temporary output: hidden, in the final folder (same file system).
+    pub fn temp_path(output: &Path, trace_id: &str) -> PathBuf {
+        let dir = output.parent().unwrap_or(Path::new("."));
+        let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+        dir.join(format!(".{stem}.{trace_id}.tmp.wav"))
+    }
+
+    pub async fn run(&self, job: &Job, slot: &Slot, cancel: watch::Receiver<bool>) -> Outcome {
+        let dir = job.output.parent().unwrap_or(Path::new("."));
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return fail(
+                ErrorKind::SpawnFailed,
+                format!("cannot create output folder {}: {}", dir.display(), io_msg(&e)),
+                String::new(),
+                0,
+            );
+        }
+        let tmp = Self::temp_path(&job.output, &job.trace_id);
+        let _ = std::fs::remove_file(&tmp);
+        let t = &job.task;
+        let argv: Vec<String> = self
+            .argv
+            .iter()
+            .map(|a| {
+                a.replace("{input_text}", &t.input_text)
+                    .replace("{output_name}", &t.output_name)
+                    .replace("{output}", &tmp.to_string_lossy())
+                    .replace("{id}", &t.id)
+                    .replace(
+                        "{prompt_audio}",
+                        &job.prompt_audio
+                            .as_ref()
+                            .map(|p| p.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                    )
+                    .replace("{prompt_text}", t.prompt_text.as_deref().unwrap_or(""))
+            })
+            .collect();
+        let mut env = vec![
+            ("TTSPOOL_TASK_ID".to_string(), t.id.clone()),
+            ("TTSPOOL_OUTPUT".to_string(), tmp.to_string_lossy().into_owned()),
+            ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
+            ("TTSPOOL_TRACE_ID".to_string(), job.trace_id.clone()),
+        ];
+        if let Some(d) = &slot.device {
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), d.clone()));
+        }
+        let spec = ChildSpec {
+            argv,
+            env,
+            cwd: None,
+            timeout: self.timeout,
+            kill_grace: self.kill_grace,
+        };
+        let res = process::run(&spec, cancel).await;
+        let run_ms = res.elapsed.as_millis() as u64;
+        let outcome = match res.exit {
+            Exit::Cancelled => Outcome::Cancelled,
+            Exit::SpawnFailed(e) => fail(
+                ErrorKind::SpawnFailed,
+                format!("cannot start {}: {}", spec.argv[0], io_msg(&e)),
+                res.stderr_tail,
+                run_ms,
+            ),
+            Exit::TimedOut => fail(
+                ErrorKind::Timeout,
+                format!("engine ran longer than engine.timeout ({})", humantime::format_duration(self.timeout)),
+                res.stderr_tail,
+                run_ms,
+            ),
+            Exit::Exited(st) if !st.success() => fail(
+                ErrorKind::EngineFailed,
+                format!("engine exited with {}", describe(st)),
+                res.stderr_tail,
+                run_ms,
+            ),
+            Exit::Exited(_) => match finish_output(&tmp, &job.output) {
+                Ok(()) => Outcome::Completed { run_ms },
+                Err((kind, message)) => fail(kind, message, res.stderr_tail, run_ms),
+            },
+        };
+        if !matches!(outcome, Outcome::Completed { .. }) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        outcome
+    }
+}
+
+fn fail(kind: ErrorKind, message: String, stderr_tail: String, run_ms: u64) -> Outcome {
+    Outcome::Failed {
+        kind,
+        message,
+        stderr_tail,
+        run_ms,
+    }
+}
+
+fn describe(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => st.to_string(),
+    }
+}
+
+/// Validates the temp output and moves it durably onto the final path.
+pub fn finish_output(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String)> {
+    let md = match std::fs::metadata(tmp) {
+        Ok(m) => m,
+        Err(_) => {
+            return Err((
+                ErrorKind::MissingOutput,
+                "engine exited 0 but wrote no output file".into(),
+            ))
+        }
+    };
+    if md.len() == 0 {
+        return Err((ErrorKind::InvalidOutput, "engine wrote an empty output file".into()));
+    }
+    match is_wav(tmp) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err((
+                ErrorKind::InvalidOutput,
+                format!("engine output ({} bytes) is not a RIFF/WAVE file", md.len()),
+            ))
+        }
+        Err(e) => return Err((ErrorKind::InvalidOutput, format!("cannot read engine output: {}", io_msg(&e)))),
+    }
+    let durable = (|| {
+        std::fs::File::open(tmp)?.sync_all()?;
+        std::fs::rename(tmp, output)?;
+        fsync_dir(output.parent().unwrap_or(Path::new(".")))
+    })();
+    durable.map_err(|e| {
+        (
+            ErrorKind::SpawnFailed,
+            format!("cannot move output to {}: {}", output.display(), io_msg(&e)),
+        )
+    })
+}

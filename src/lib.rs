@@ -1,0 +1,31 @@
+//! ttspool: a spool daemon that turns JSONL task files into speech.
+//!
+//! Data flows one way — spool → scheduler → engine → records — and each stage
+//! has its module:
+//!
+//! - [`config`]: the typed TOML config, defaults and validation.
+//! - [`task`]: one task line: parsing, aliases, validation, output paths.
+//! - [`spool`]: the spool on disk: scanning and watching `pending/`
+//!   ([`spool::scan`], [`spool::watch`]), reading lines ([`spool::lines`]),
+//!   claims and leases shared by several daemons ([`spool::claim`]), and the
+//!   record logs ([`spool::records`]).
+//! - [`scheduler`]: slots per GPU, the queue, retry backoff.
+//! - [`engine`]: what runs the TTS (the `command` engine).
+//! - [`process`]: children in their own process group, timeouts, kills.
+//! - [`daemon`]: the event loop that wires them, signals and shutdown.
+//! - [`submit`], [`check`], [`status`]: the other commands.
+//!
+//! `main.rs` only parses the command line and maps errors to exit codes.
+
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod process;
+pub mod scheduler;
+pub mod spool;
+pub mod status;
+pub mod submit;
+pub mod task;
+pub mod util;

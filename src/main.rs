@@ -1,0 +1,76 @@
+//! The `ttspool` binary: parse the command line, set up logging, call into the
+//! library, and turn errors into exit codes in one place.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::sync::mpsc;
+
+use ttspool::cli::{Cli, Command};
+use ttspool::config::Config;
+use ttspool::daemon::{self, Options, Sig};
+
+/// Exit code for a config that cannot be used.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TTSPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cfg = match Config::locate(cli.config.as_deref()).and_then(|p| Config::load(&p)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ttspool: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = match cli.command {
+        Command::Run { once } => run(cfg, once),
+        Command::Submit { files } => ttspool::submit::submit(&cfg, &files),
+        Command::Check { files } => ttspool::check::check(&cfg, &files),
+        Command::Status { json, id } => ttspool::status::status(&cfg, json, id.as_deref()),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ttspool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cfg: Config, once: bool) -> anyhow::Result<u8> {
+    // One thread: children are spawned from the main thread, which lives as
+    // long as the daemon, so PR_SET_PDEATHSIG fires only when the daemon dies.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build()?;
+    rt.block_on(async move {
+        let (tx, rx) = mpsc::unbounded_channel();
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            loop {
+                let s = tokio::select! {
+                    _ = term.recv() => Sig::Stop,
+                    _ = int.recv() => Sig::Stop,
+                    _ = hup.recv() => Sig::Reload,
+                };
+                if tx.send(s).is_err() {
+                    break;
+                }
+            }
+        });
+        daemon::run(cfg, Options { once }, rx).await
+    })?;
+    Ok(0)
+}

@@ -1,0 +1,164 @@
+//! Children in their own process group: timeouts, kills, and the stderr tail.
+//!
+//! Each child leads a new process group, so a timeout or a shutdown can signal
+//! the whole tree (a shell's grandchildren included) with `kill(-pgid)`: first
+//! SIGTERM, then SIGKILL after the grace. `PR_SET_PDEATHSIG` makes the kernel
+//! kill the child if the daemon dies, even by SIGKILL, so a restarted daemon
+//! never races an orphan writing the same output. That signal fires when the
+//! *thread* that spawned the child exits, which is why the daemon runs a
+//! current-thread runtime and spawns only from its main thread.
+//!
+//! stdout and stderr are drained while waiting, so a chatty child never blocks
+//! on a full pipe; after the child exits the rest of its group is killed, so
+//! a grandchild holding the pipes open cannot hang us.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::util::Tail;
+
+/// Bytes of stderr kept for a failed record.
+pub const TAIL_BYTES: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+}
+
+#[derive(Debug)]
+pub enum Exit {
+    Exited(ExitStatus),
+    TimedOut,
+    /// Killed because the daemon is shutting down.
+    Cancelled,
+    SpawnFailed(io::Error),
+}
+
+#[derive(Debug)]
+pub struct ChildResult {
+    pub exit: Exit,
+    pub stderr_tail: String,
+    pub elapsed: Duration,
+}
+
+fn signal_group(pgid: i32, sig: i32) {
+    if pgid > 0 {
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory is touched.
+        unsafe {
+            libc::kill(-pgid, sig);
+        }
+    }
+}
+
+/// Runs one child to its end. `cancel` turning true kills it at once.
+pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildResult {
+    let started = Instant::now();
+    let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .process_group(0)
+        .kill_on_drop(true);
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    if let Some(d) = &spec.cwd {
+        cmd.current_dir(d);
+    }
+    let parent = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return ChildResult {
+                exit: Exit::SpawnFailed(e),
+                stderr_tail: String::new(),
+                elapsed: started.elapsed(),
+            }
+        }
+    };
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let drain_out = tokio::spawn(async move {
+        let mut buf = [0u8; 8192];
+        while matches!(out.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let drain_err = tokio::spawn(async move {
+        let mut tail = Tail::new(TAIL_BYTES);
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = err.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            tail.push(&buf[..n]);
+        }
+        tail
+    });
+
+    let deadline = tokio::time::sleep(spec.timeout);
+    tokio::pin!(deadline);
+    let cancelled = async {
+        loop {
+            if *cancel.borrow_and_update() {
+                return;
+            }
+            if cancel.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let exit = tokio::select! {
+        st = child.wait() => match st {
+            Ok(st) => Exit::Exited(st),
+            Err(e) => Exit::SpawnFailed(e),
+        },
+        _ = &mut deadline => {
+            signal_group(pgid, libc::SIGTERM);
+            tokio::select! {
+                _ = child.wait() => {}
+                _ = tokio::time::sleep(spec.kill_grace) => {}
+            }
+            Exit::TimedOut
+        }
+        _ = cancelled => Exit::Cancelled,
+    };
+    // Whatever is left of the group (grandchildren, a child ignoring TERM) goes now.
+    signal_group(pgid, libc::SIGKILL);
+    let _ = child.wait().await;
+    drain_out.abort();
+    let stderr_tail = match tokio::time::timeout(Duration::from_secs(2), drain_err).await {
+        Ok(Ok(t)) => t.text(),
+        _ => String::new(),
+    };
+    ChildResult {
+        exit,
+        stderr_tail,
+        elapsed: started.elapsed(),
+    }
+}

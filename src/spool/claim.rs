@@ -1,0 +1,754 @@
+//! Claiming task lines so that several daemons sharing a spool run each line
+//! once, and taking over the claims of daemons that died.
+//!
+//! # The protocol
+//!
+//! Each producer file has a sidecar folder `.ttspool/files/<key>/` (the key
+//! includes the inode, so a replaced file is a new file) holding a `cursor`
+//! (generation, byte offset and line count of the next unclaimed line) and one
+//! `lease-<gen>-<first line>` per claimed range. Claiming happens under an
+//! exclusive lock on `.ttspool/claim.lock` — our own file, never the
+//! producer's — and in this order:
+//!
+//! 1. read the cursor and the next lines from the producer's file;
+//! 2. create the lease with `O_EXCL`, fsync it and the folder;
+//! 3. write the new cursor atomically (temp, fsync, rename, fsync folder).
+//!
+//! A crash after 2 and before 3 leaves a lease whose range the cursor does not
+//! cover: the next claimer's `O_EXCL` create of the same name fails, it reads
+//! that lease and moves the cursor past it instead of claiming the lines
+//! twice. A crash before 2 leaves nothing. So a line is either unclaimed or
+//! covered by exactly one lease.
+//!
+//! A lease is deleted only after every line in it has a durable record
+//! (records.rs). A lease whose owner died is taken over (rewritten with the
+//! new owner) and then, under the records lock, the logs are read from the
+//! sizes noted in the lease to find the lines that already have a record; only
+//! the others run again. So a crash between "record durable" and "lease
+//! deleted" produces no second record.
+//!
+//! # Liveness without synchronized clocks
+//!
+//! Each daemon holds `.ttspool/instances/<instance>.lock` for its whole life
+//! and rewrites `<instance>.alive` every `lease/4`. A daemon judges another's
+//! heartbeat by comparing its mtime with the mtime of its *own* heartbeat file
+//! just written: both stamps come from the file server's clock, so the hosts'
+//! clocks never meet. Leases of our own instance name that we do not hold in
+//! memory belong to a previous run of ours (we hold the instance lock), so a
+//! restart takes them over at once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::lines::{Line, LineReader, Next};
+use super::records::{read_records, RecordLog};
+use super::scan::{scan, Entry};
+use super::Spool;
+use crate::util::{atomic_write, create_exclusive, fsync_dir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("instance {instance:?} is already running on spool {spool} ({holder}); give each daemon its own spool.instance")]
+    InstanceBusy {
+        instance: String,
+        spool: PathBuf,
+        holder: String,
+    },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ClaimError + 'a {
+    move |source| ClaimError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where the next unclaimed line of a producer file starts.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cursor {
+    /// Bumped when the file shrinks: it is then a new file under the same inode.
+    pub gen: u64,
+    pub offset: u64,
+    /// Lines before `offset`.
+    pub line: u64,
+}
+
+/// A claimed range of lines, as stored in its lease file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseDoc {
+    pub instance: String,
+    pub token: String,
+    pub pid: u32,
+    pub file: String,
+    pub key: String,
+    pub gen: u64,
+    pub start_off: u64,
+    pub start_line: u64,
+    pub end_off: u64,
+    pub end_line: u64,
+    /// Lines in the range that need a record (blank lines do not).
+    pub lines: Vec<u64>,
+    /// Sizes of done.jsonl / failed.jsonl when claimed: its records come later.
+    pub done_len: u64,
+    pub failed_len: u64,
+    /// Handed back by a daemon that stopped: anyone may take it at once.
+    #[serde(default)]
+    pub released: bool,
+}
+
+impl LeaseDoc {
+    pub fn file_id(&self) -> String {
+        format!("{}#{}", self.key, self.gen)
+    }
+}
+
+/// A lease this daemon holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub path: PathBuf,
+    pub doc: LeaseDoc,
+}
+
+/// One claimed line, ready to be parsed and run.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub lease: PathBuf,
+    pub token: String,
+    pub file: String,
+    pub file_id: String,
+    pub no: u64,
+    /// The line, or why it could no longer be read (taken over from a file
+    /// that was replaced meanwhile).
+    pub line: Result<Line, String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub leases: Vec<Held>,
+    pub lines: Vec<Claimed>,
+    /// Some file has a final line without `\n` that has not settled yet.
+    pub waiting: bool,
+    /// Files moved to `pending/.consumed/`.
+    pub consumed: Vec<String>,
+}
+
+struct Seen {
+    size: u64,
+    mtime: SystemTime,
+    since: Instant,
+}
+
+pub struct Claimer {
+    spool: Spool,
+    log: RecordLog,
+    instance: String,
+    max_line_bytes: usize,
+    settle: Duration,
+    lease_ttl: Duration,
+    rr: usize,
+    seen: HashMap<String, Seen>,
+    alive: File,
+    beats: u64,
+    /// Leases this process holds; shared with the daemon, which removes a
+    /// lease here after deleting its file.
+    held: HeldSet,
+    _instance_lock: File,
+}
+
+/// The set of lease paths a process holds.
+pub type HeldSet = std::sync::Arc<std::sync::Mutex<HashSet<PathBuf>>>;
+
+impl Claimer {
+    /// Opens the spool for `instance`: creates the folders, takes the
+    /// instance lock and writes the first heartbeat.
+    pub fn open(
+        spool: &Spool,
+        instance: &str,
+        max_line_bytes: usize,
+        settle: Duration,
+        lease_ttl: Duration,
+    ) -> Result<Claimer, ClaimError> {
+        spool
+            .create_dirs()
+            .map_err(io_err("create spool folders in", &spool.root))?;
+        let lock_path = spool.instances().join(format!("{instance}.lock"));
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        let alive_path = spool.instances().join(format!("{instance}.alive"));
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&alive_path)
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                    .and_then(|v| v.get("pid").and_then(|p| p.as_u64()))
+                    .map(|p| format!("pid {p}"))
+                    .unwrap_or_else(|| "another process".into());
+                return Err(ClaimError::InstanceBusy {
+                    instance: instance.into(),
+                    spool: spool.root.clone(),
+                    holder,
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
+        }
+        let alive = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&alive_path)
+            .map_err(io_err("open", &alive_path))?;
+        let mut c = Claimer {
+            log: RecordLog::new(spool),
+            spool: spool.clone(),
+            instance: instance.into(),
+            max_line_bytes,
+            settle,
+            lease_ttl,
+            rr: 0,
+            seen: HashMap::new(),
+            alive,
+            beats: 0,
+            held: HeldSet::default(),
+            _instance_lock: lock,
+        };
+        c.heartbeat()?;
+        Ok(c)
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The leases this process holds.
+    pub fn held(&self) -> HeldSet {
+        self.held.clone()
+    }
+
+    /// Rewrites our heartbeat file; the file server stamps its mtime.
+    pub fn heartbeat(&mut self) -> Result<(), ClaimError> {
+        self.beats += 1;
+        let body = format!(
+            "{{\"pid\":{},\"beat\":{}}}\n",
+            std::process::id(),
+            self.beats
+        );
+        let path = self.spool.instances().join(format!("{}.alive", self.instance));
+        (|| {
+            self.alive.set_len(0)?;
+            self.alive.write_all_at(body.as_bytes(), 0)?;
+            self.alive.sync_data()
+        })()
+        .map_err(io_err("write heartbeat", &path))
+    }
+
+    fn lock_claims(&self) -> Result<File, ClaimError> {
+        let p = self.spool.claim_lock();
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io_err("open", &p))?;
+        f.lock().map_err(io_err("lock", &p))?;
+        Ok(f)
+    }
+
+    /// Claims up to `want` lines, spread round-robin over the pending files
+    /// (oldest first within a file), and moves fully consumed files away.
+    pub fn claim(&mut self, want: usize) -> Result<Batch, ClaimError> {
+        let pending = self.spool.pending();
+        let entries = scan(&pending).map_err(io_err("list", &pending))?;
+        let now = Instant::now();
+        let keys: HashSet<String> = entries.iter().map(Entry::key).collect();
+        self.seen.retain(|k, _| keys.contains(k));
+        for e in &entries {
+            let s = self.seen.entry(e.key()).or_insert(Seen {
+                size: e.size,
+                mtime: e.mtime,
+                since: now,
+            });
+            if s.size != e.size || s.mtime != e.mtime {
+                *s = Seen {
+                    size: e.size,
+                    mtime: e.mtime,
+                    since: now,
+                };
+            }
+        }
+        let mut batch = Batch::default();
+        if entries.is_empty() {
+            return Ok(batch);
+        }
+        let _lock = self.lock_claims()?;
+        let n = entries.len();
+        let start = self.rr % n;
+        self.rr = self.rr.wrapping_add(1);
+        let mut remaining = want;
+        for i in 0..n {
+            let e = &entries[(start + i) % n];
+            let quota = remaining.div_ceil(n - i).max(1).min(remaining);
+            match self.claim_file(e, quota, &mut batch) {
+                Ok(got) => remaining -= got,
+                Err(err) => tracing::error!(file = %e.name, "{err}"),
+            }
+        }
+        Ok(batch)
+    }
+
+    fn settled(&self, key: &str) -> bool {
+        self.seen
+            .get(key)
+            .is_some_and(|s| s.since.elapsed() >= self.settle)
+    }
+
+    /// Claims up to `quota` lines of one file; returns how many.
+    fn claim_file(&mut self, e: &Entry, quota: usize, batch: &mut Batch) -> Result<usize, ClaimError> {
+        let path = self.spool.pending().join(&e.name);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(io_err("open", &path)(err)),
+        };
+        let md = file.metadata().map_err(io_err("stat", &path))?;
+        if md.ino() != e.ino {
+            return Ok(0); // replaced since the scan; the next scan sees the new one
+        }
+        let key = e.key();
+        let dir = self.spool.files().join(&key);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let cursor_path = dir.join("cursor");
+        let mut cur = read_cursor(&cursor_path)?;
+        let size = md.len();
+        if size < cur.offset {
+            tracing::warn!(file = %e.name, "file shrank below what was claimed; reading it again as a new file");
+            cur = Cursor {
+                gen: cur.gen + 1,
+                offset: 0,
+                line: 0,
+            };
+            write_cursor(&cursor_path, &cur)?;
+        }
+        let settled = self.settled(&key);
+        if size == cur.offset {
+            if settled {
+                self.consume(e, &dir, &path, batch)?;
+            } else {
+                batch.waiting = true; // to be moved away once settled
+            }
+            return Ok(0);
+        }
+        if quota == 0 {
+            return Ok(0);
+        }
+        let mut reader = LineReader::open(file, cur.offset, cur.line, self.max_line_bytes)
+            .map_err(io_err("read", &path))?;
+        let mut lines = Vec::new();
+        let mut wanted = 0;
+        while wanted < quota {
+            match reader.next(settled).map_err(io_err("read", &path))? {
+                Next::Line(l) => {
+                    if !l.is_blank() {
+                        wanted += 1;
+                    }
+                    lines.push(l);
+                }
+                Next::Partial => {
+                    batch.waiting = true;
+                    break;
+                }
+                Next::Eof => break,
+            }
+        }
+        let Some(last) = lines.last() else {
+            return Ok(0);
+        };
+        let (end_off, end_line) = (last.end(), last.no());
+        lines.retain(|l| !l.is_blank());
+        if lines.is_empty() {
+            write_cursor(&cursor_path, &Cursor { gen: cur.gen, offset: end_off, line: end_line })?;
+            return Ok(0);
+        }
+        let (done_len, failed_len) = self.log.sizes();
+        let doc = LeaseDoc {
+            instance: self.instance.clone(),
+            token: ulid::Ulid::new().to_string(),
+            pid: std::process::id(),
+            file: e.name.clone(),
+            key: key.clone(),
+            gen: cur.gen,
+            start_off: cur.offset,
+            start_line: cur.line,
+            end_off,
+            end_line,
+            lines: lines.iter().map(Line::no).collect(),
+            done_len,
+            failed_len,
+            released: false,
+        };
+        let lease_path = dir.join(format!("lease-{}-{:012}", cur.gen, cur.line + 1));
+        let body = serde_json::to_vec(&doc).expect("lease serializes");
+        if !create_exclusive(&lease_path, &body).map_err(io_err("create", &lease_path))? {
+            // A claim crashed between creating this lease and moving the
+            // cursor: skip its range (or finish a torn lease) and retry later.
+            match read_lease(&lease_path) {
+                Some(other) => {
+                    tracing::warn!(lease = %lease_path.display(), "found a lease the cursor missed (crash while claiming); moving the cursor past it");
+                    write_cursor(
+                        &cursor_path,
+                        &Cursor { gen: other.gen, offset: other.end_off, line: other.end_line },
+                    )?;
+                    return Ok(0);
+                }
+                None => {
+                    atomic_write(&lease_path, &body).map_err(io_err("write", &lease_path))?;
+                }
+            }
+        }
+        fsync_dir(&dir).map_err(io_err("sync", &dir))?;
+        write_cursor(&cursor_path, &Cursor { gen: cur.gen, offset: end_off, line: end_line })?;
+        self.held.lock().expect("held set").insert(lease_path.clone());
+        let file_id = doc.file_id();
+        let n = lines.len();
+        for l in lines {
+            batch.lines.push(Claimed {
+                lease: lease_path.clone(),
+                token: doc.token.clone(),
+                file: e.name.clone(),
+                file_id: file_id.clone(),
+                no: l.no(),
+                line: Ok(l),
+            });
+        }
+        batch.leases.push(Held { path: lease_path, doc });
+        Ok(n)
+    }
+
+    /// Moves a fully claimed, settled file whose leases are all gone (every
+    /// line recorded) to `pending/.consumed/`, and drops its sidecar folder.
+    fn consume(&mut self, e: &Entry, dir: &Path, path: &Path, batch: &mut Batch) -> Result<(), ClaimError> {
+        if has_leases(dir)? {
+            return Ok(());
+        }
+        let consumed = self.spool.consumed();
+        let mut target = consumed.join(&e.name);
+        if target.exists() {
+            target = consumed.join(format!("{}.{}", e.name, ulid::Ulid::new()));
+        }
+        match fs::symlink_metadata(path) {
+            Ok(md) if md.ino() == e.ino => {}
+            _ => return Ok(()),
+        }
+        fs::rename(path, &target).map_err(io_err("move consumed file", path))?;
+        let _ = fsync_dir(&self.spool.pending());
+        let _ = fsync_dir(&consumed);
+        fs::remove_dir_all(dir).map_err(io_err("remove", dir))?;
+        self.seen.remove(&e.key());
+        batch.consumed.push(e.name.clone());
+        Ok(())
+    }
+
+    /// Takes over leases whose owner is gone (or that were handed back), and
+    /// returns them with the lines that still need a record. Also writes our
+    /// heartbeat and removes sidecar folders of files that are gone.
+    pub fn take_over(&mut self) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
+        self.heartbeat()?;
+        let own_alive = self.spool.instances().join(format!("{}.alive", self.instance));
+        let now_server = fs::metadata(&own_alive)
+            .and_then(|m| m.modified())
+            .map_err(io_err("stat", &own_alive))?;
+        let pending = self.spool.pending();
+        let present: HashSet<String> = scan(&pending)
+            .map_err(io_err("list", &pending))?
+            .iter()
+            .map(Entry::key)
+            .collect();
+        let _lock = self.lock_claims()?;
+        // Claims only happen under `&mut self`, so this snapshot is complete.
+        let held = self.held.lock().expect("held set").clone();
+        let mut out = Vec::new();
+        let mut ages: HashMap<String, bool> = HashMap::new();
+        let files = self.spool.files();
+        for dent in fs::read_dir(&files).map_err(io_err("list", &files))? {
+            let dent = dent.map_err(io_err("list", &files))?;
+            let dir = dent.path();
+            let key = dent.file_name().to_string_lossy().into_owned();
+            let leases = list_leases(&dir)?;
+            if leases.is_empty() {
+                if !present.contains(&key) {
+                    let _ = fs::remove_dir_all(&dir);
+                }
+                continue;
+            }
+            for lp in leases {
+                if held.contains(&lp) {
+                    continue;
+                }
+                let Some(doc) = read_lease(&lp) else {
+                    let cur = read_cursor(&dir.join("cursor"))?;
+                    if lease_start(&lp).is_some_and(|(g, l)| g != cur.gen || l > cur.line) {
+                        tracing::warn!(lease = %lp.display(), "removing a lease torn by a crash while claiming");
+                        let _ = fs::remove_file(&lp);
+                    } else {
+                        tracing::error!(lease = %lp.display(), "unreadable lease inside the claimed range; leaving it for an operator");
+                    }
+                    continue;
+                };
+                let take = if doc.released || doc.instance == self.instance {
+                    true
+                } else {
+                    *ages.entry(doc.instance.clone()).or_insert_with(|| {
+                        self.is_dead(&doc.instance, now_server)
+                    })
+                };
+                if take {
+                    match self.take_lease(&lp, &dir, doc) {
+                        Ok(Some(t)) => out.push(t),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!("{e}"),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_dead(&self, instance: &str, now_server: SystemTime) -> bool {
+        let p = self.spool.instances().join(format!("{instance}.alive"));
+        match fs::metadata(&p).and_then(|m| m.modified()) {
+            Ok(t) => now_server
+                .duration_since(t)
+                .is_ok_and(|age| age > self.lease_ttl),
+            Err(_) => true,
+        }
+    }
+
+    fn take_lease(&mut self, lp: &Path, dir: &Path, old: LeaseDoc) -> Result<Option<(Held, Vec<Claimed>)>, ClaimError> {
+        let doc = LeaseDoc {
+            instance: self.instance.clone(),
+            token: ulid::Ulid::new().to_string(),
+            pid: std::process::id(),
+            released: false,
+            ..old.clone()
+        };
+        atomic_write(lp, &serde_json::to_vec(&doc).expect("lease serializes"))
+            .map_err(io_err("take over", lp))?;
+        self.held.lock().expect("held set").insert(lp.to_path_buf());
+        tracing::info!(lease = %lp.display(), from = %old.instance, released = old.released, lines = doc.lines.len(), "took over lease");
+        let cursor_path = dir.join("cursor");
+        let cur = read_cursor(&cursor_path)?;
+        if cur.gen == doc.gen && cur.offset < doc.end_off {
+            write_cursor(&cursor_path, &Cursor { gen: doc.gen, offset: doc.end_off, line: doc.end_line })?;
+        }
+        // Which lines already have a record? Read under the records lock, so
+        // a record the old owner was writing is either seen here or refused
+        // (it checks its token under the same lock).
+        let file_id = doc.file_id();
+        let mut recorded = HashSet::new();
+        {
+            let _g = self.log.lock().map_err(io_err("lock", &self.log.lock))?;
+            for (p, from) in [(&self.log.done, doc.done_len), (&self.log.failed, doc.failed_len)] {
+                read_records(p, from, |r, _| {
+                    if r.file_id == file_id {
+                        recorded.insert(r.source.line);
+                    }
+                })
+                .map_err(io_err("read", p))?;
+            }
+        }
+        let todo: Vec<u64> = doc.lines.iter().copied().filter(|l| !recorded.contains(l)).collect();
+        if todo.is_empty() {
+            let _ = fs::remove_file(lp);
+            self.held.lock().expect("held set").remove(lp);
+            return Ok(None);
+        }
+        let lines = self.reread(&doc, &todo);
+        let claimed = todo
+            .iter()
+            .map(|&no| Claimed {
+                lease: lp.to_path_buf(),
+                token: doc.token.clone(),
+                file: doc.file.clone(),
+                file_id: file_id.clone(),
+                no,
+                line: match &lines {
+                    Ok(map) => map
+                        .get(&no)
+                        .cloned()
+                        .ok_or_else(|| format!("line {no} of {} could no longer be read: the file changed before it ran", doc.file)),
+                    Err(e) => Err(e.clone()),
+                },
+            })
+            .collect();
+        Ok(Some((Held { path: lp.to_path_buf(), doc }, claimed)))
+    }
+
+    /// Reads the lines `todo` of a lease's range again from the producer file.
+    fn reread(&self, doc: &LeaseDoc, todo: &[u64]) -> Result<BTreeMap<u64, Line>, String> {
+        let path = self.spool.pending().join(&doc.file);
+        let gone = || format!("{} was replaced or removed before its lines ran", doc.file);
+        let file = File::open(&path).map_err(|_| gone())?;
+        let md = file.metadata().map_err(|_| gone())?;
+        let ino_ok = doc.key.rsplit('.').next() == Some(&md.ino().to_string());
+        if !ino_ok || md.len() < doc.end_off {
+            return Err(gone());
+        }
+        let mut r = LineReader::open(file, doc.start_off, doc.start_line, self.max_line_bytes)
+            .map_err(|e| e.to_string())?;
+        let want: HashSet<u64> = todo.iter().copied().collect();
+        let mut out = BTreeMap::new();
+        while r.position() < doc.end_off {
+            match r.next(true).map_err(|e| e.to_string())? {
+                Next::Line(l) => {
+                    if want.contains(&l.no()) {
+                        out.insert(l.no(), l);
+                    }
+                }
+                Next::Partial | Next::Eof => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks a lease as handed back, for any daemon to take at once.
+    pub fn hand_back(&self, lease: &Path) -> Result<(), ClaimError> {
+        self.held.lock().expect("held set").remove(lease);
+        let Some(mut doc) = read_lease(lease) else {
+            return Ok(());
+        };
+        if doc.instance != self.instance {
+            return Ok(()); // taken over meanwhile: no longer ours to give
+        }
+        doc.released = true;
+        atomic_write(lease, &serde_json::to_vec(&doc).expect("lease serializes"))
+            .map_err(io_err("hand back", lease))
+    }
+}
+
+/// True if `lease` still names us with `token` (nobody took it over).
+pub fn still_ours(lease: &Path, token: &str) -> bool {
+    read_lease(lease).is_some_and(|d| d.token == token)
+}
+
+/// Deletes a lease whose lines all have durable records, then forgets it.
+pub fn release(held: &HeldSet, lease: &Path) {
+    if let Err(e) = fs::remove_file(lease) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(lease = %lease.display(), "cannot remove finished lease: {e}");
+        }
+    }
+    held.lock().expect("held set").remove(lease);
+}
+
+pub fn read_lease(p: &Path) -> Option<LeaseDoc> {
+    serde_json::from_slice(&fs::read(p).ok()?).ok()
+}
+
+fn lease_start(p: &Path) -> Option<(u64, u64)> {
+    let name = p.file_name()?.to_str()?;
+    let mut it = name.strip_prefix("lease-")?.split('-');
+    let gen = it.next()?.parse().ok()?;
+    let line: u64 = it.next()?.parse().ok()?;
+    Some((gen, line.saturating_sub(1)))
+}
+
+fn list_leases(dir: &Path) -> Result<Vec<PathBuf>, ClaimError> {
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err("list", dir)(e)),
+    };
+    for d in rd {
+        let d = d.map_err(io_err("list", dir))?;
+        if d.file_name().to_string_lossy().starts_with("lease-") {
+            out.push(d.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn has_leases(dir: &Path) -> Result<bool, ClaimError> {
+    Ok(!list_leases(dir)?.is_empty())
+}
+
+fn read_cursor(p: &Path) -> Result<Cursor, ClaimError> {
+    match fs::read(p) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| ClaimError::Io {
+            action: "parse",
+            path: p.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Cursor::default()),
+        Err(e) => Err(io_err("read", p)(e)),
+    }
+}
+
+fn write_cursor(p: &Path, c: &Cursor) -> Result<(), ClaimError> {
+    atomic_write(p, &serde_json::to_vec(c).expect("cursor serializes")).map_err(io_err("write", p))
+}
+
+/// What `status` shows about the spool's unfinished lines.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub pending_files: u64,
+    pub pending_lines: u64,
+    pub in_flight: u64,
+    pub in_flight_by_instance: BTreeMap<String, u64>,
+}
+
+/// Counts unclaimed lines (streaming) and claimed-but-unrecorded ones.
+pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
+    let mut s = Summary::default();
+    let pending = spool.pending();
+    let entries = match scan(&pending) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        s.pending_files += 1;
+        let dir = spool.files().join(e.key());
+        let cur = read_cursor(&dir.join("cursor")).unwrap_or_default();
+        let Ok(f) = File::open(pending.join(&e.name)) else {
+            continue;
+        };
+        let offset = if cur.offset > e.size { 0 } else { cur.offset };
+        let mut r = LineReader::open(f, offset, cur.line, max_line_bytes)?;
+        while let Next::Line(l) = r.next(true)? {
+            if !l.is_blank() {
+                s.pending_lines += 1;
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(spool.files()) {
+        for d in rd.flatten() {
+            for lp in list_leases(&d.path()).unwrap_or_default() {
+                if let Some(doc) = read_lease(&lp) {
+                    let n = doc.lines.len() as u64;
+                    s.in_flight += n;
+                    *s.in_flight_by_instance.entry(doc.instance).or_default() += n;
+                }
+            }
+        }
+    }
+    Ok(s)
+}

@@ -1,0 +1,127 @@
+//! `ttspool submit`: validate every line first, publish only if all are
+//! valid. Each input is copied to a hidden temp file inside `pending/`
+//! (so the final rename is atomic on the same file system), validated from
+//! there line by line (never held in memory whole), then renamed to a unique
+//! name that cannot replace a file still being consumed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::spool::lines::{Line, LineReader, Next};
+use crate::spool::Spool;
+use crate::task::{parse_line, TaskRules};
+use crate::util::{fsync_dir, io_msg};
+
+/// Counts of one validated file.
+#[derive(Debug, Default)]
+pub struct Validation {
+    pub tasks: u64,
+    pub blank: u64,
+    pub errors: Vec<String>,
+}
+
+/// Validates the task lines of `path`; `shown` is the name used in messages.
+pub fn validate_file(path: &Path, shown: &str, cfg: &Config) -> io::Result<Validation> {
+    let rules = TaskRules::from_config(cfg);
+    let mut v = Validation::default();
+    let mut r = LineReader::open(File::open(path)?, 0, 0, cfg.limits.max_line_bytes)?;
+    while let Next::Line(line) = r.next(true)? {
+        match line {
+            Line::TooLong { no, len, .. } => v.errors.push(format!(
+                "{shown}:{no}: line is {len} bytes, more than limits.max_line_bytes = {}",
+                cfg.limits.max_line_bytes
+            )),
+            Line::Text { no, bytes, .. } => {
+                if crate::task::is_blank(&bytes) {
+                    v.blank += 1;
+                    continue;
+                }
+                match parse_line(&bytes, &rules) {
+                    Ok(_) => v.tasks += 1,
+                    Err(e) => v.errors.push(format!("{shown}:{no}: {e}")),
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+pub fn submit(cfg: &Config, inputs: &[PathBuf]) -> anyhow::Result<u8> {
+    let spool = Spool::new(&cfg.spool.dir);
+    let pending = spool.pending();
+    fs::create_dir_all(&pending)
+        .with_context(|| format!("cannot create {}", pending.display()))?;
+    let mut staged: Vec<(PathBuf, PathBuf, String, u64)> = Vec::new();
+    let mut bad = 0usize;
+    let cleanup = |staged: &[(PathBuf, PathBuf, String, u64)]| {
+        for (tmp, ..) in staged {
+            let _ = fs::remove_file(tmp);
+        }
+    };
+    for input in inputs {
+        let is_stdin = input.as_os_str() == "-";
+        let shown = if is_stdin {
+            "<stdin>".to_string()
+        } else {
+            input.display().to_string()
+        };
+        let id = ulid::Ulid::new().to_string();
+        let tmp = pending.join(format!(".submit-{id}.tmp"));
+        let copied = (|| -> io::Result<()> {
+            let mut out = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            if is_stdin {
+                io::copy(&mut io::stdin().lock(), &mut out)?;
+            } else {
+                io::copy(&mut File::open(input)?, &mut out)?;
+            }
+            out.flush()?;
+            out.sync_all()
+        })();
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&tmp);
+            cleanup(&staged);
+            anyhow::bail!("cannot read {shown}: {}", io_msg(&e));
+        }
+        let v = validate_file(&tmp, &shown, cfg).with_context(|| format!("cannot read {shown}"))?;
+        for e in &v.errors {
+            eprintln!("{e}");
+        }
+        bad += v.errors.len();
+        let stem = if is_stdin {
+            "stdin".to_string()
+        } else {
+            input
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "tasks".into())
+        };
+        let stem: String = stem
+            .chars()
+            .map(|c| if c.is_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' })
+            .collect();
+        let final_path = pending.join(format!("{}-{}.jsonl", stem.trim_start_matches('_'), id.to_lowercase()));
+        staged.push((tmp, final_path, shown, v.tasks));
+    }
+    if bad > 0 {
+        cleanup(&staged);
+        eprintln!("ttspool: {bad} invalid line(s); nothing was submitted");
+        return Ok(1);
+    }
+    let mut total = 0;
+    for (tmp, final_path, shown, tasks) in &staged {
+        fs::rename(tmp, final_path)
+            .with_context(|| format!("cannot publish {}", final_path.display()))?;
+        total += tasks;
+        println!(
+            "{shown}: {tasks} task(s) -> {}",
+            final_path.display()
+        );
+    }
+    fsync_dir(&pending).with_context(|| format!("cannot sync {}", pending.display()))?;
+    println!("submitted {total} task(s) in {} file(s)", staged.len());
+    Ok(0)
+}

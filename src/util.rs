@@ -1,0 +1,121 @@
+//! Small file-system helpers shared by the spool and the engine: durable
+//! atomic writes, folder fsyncs, and error text a person can read.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+
+/// "not found" rather than "No such file or directory (os error 2)".
+pub fn io_msg(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "not found".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        io::ErrorKind::AlreadyExists => "already exists".into(),
+        _ => {
+            let s = e.to_string();
+            match s.find(" (os error") {
+                Some(i) => s[..i].to_string(),
+                None => s,
+            }
+        }
+    }
+}
+
+/// Makes a folder's entries (creates, renames, removes) durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Write-temp-then-rename: `path` holds either the old or the new bytes after
+/// a crash, never a mix. The temp file is hidden and in the same folder.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", ulid::Ulid::new()));
+    let res = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fsync_dir(dir)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Creates `path` only if absent, with `bytes`, durably. `Ok(false)` if it existed.
+pub fn create_exclusive(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    let mut f = match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(true)
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Keeps the last `cap` bytes written to it.
+#[derive(Debug, Default, Clone)]
+pub struct Tail {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl Tail {
+    pub fn new(cap: usize) -> Tail {
+        Tail { buf: Vec::new(), cap }
+    }
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > self.cap * 2 {
+            let cut = self.buf.len() - self.cap;
+            self.buf.drain(..cut);
+        }
+    }
+    pub fn text(&self) -> String {
+        let start = self.buf.len().saturating_sub(self.cap);
+        String::from_utf8_lossy(&self.buf[start..]).into_owned()
+    }
+}
+
+/// Cuts a string to at most `max` bytes on a char boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    &s[..i]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_bytes() {
+        let mut t = Tail::new(4);
+        t.push(b"hello ");
+        t.push(b"world");
+        assert_eq!(t.text(), "orld");
+    }
+
+    #[test]
+    fn cut_respects_chars() {
+        assert_eq!(cut("订单", 4), "订");
+        assert_eq!(cut("ab", 4), "ab");
+    }
+}
