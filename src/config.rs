@@ -297,7 +297,7 @@ impl Config {
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: one_line_toml_error(&e),
+            message: one_line_toml_error(&e, text),
         })?;
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base = abs.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -397,10 +397,14 @@ fn default_instance() -> String {
     }
 }
 
-fn one_line_toml_error(e: &toml::de::Error) -> String {
+fn one_line_toml_error(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message().trim().to_string();
     match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            format!("line {line}: {msg}")
+        }
         None => msg,
     }
 }
