@@ -19,7 +19,7 @@ use serde::Deserialize;
 pub enum ConfigError {
     #[error("no config file: pass -c FILE, set $TTSPOOL_CONFIG, or create ./ttspool.toml")]
     NotFound,
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {}: {}", .path.display(), crate::util::io_msg(.source))]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -112,6 +112,11 @@ pub async fn run(cfg: Config, opts: Options, mut signals: mpsc::UnboundedReceive
         cfg.spool.settle.0,
         cfg.spool.lease.0,
     )?;
+    // We hold the instance lock: whatever our previous run left is orphaned.
+    let orphans = crate::process::kill_orphans(&cfg.spool.dir, &cfg.spool.instance);
+    if orphans > 0 {
+        warn!(killed = orphans, "killed processes left behind by a previous run of this instance");
+    }
     std::fs::create_dir_all(&cfg.output.dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot create output.dir {}: {}",

@@ -27,7 +27,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ttspool: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            // `check` reports problems with 1, like any other it finds.
+            let code = if matches!(cli.command, Command::Check { .. }) { 1 } else { EXIT_CONFIG };
+            return ExitCode::from(code);
         }
     };
     let result = match cli.command {

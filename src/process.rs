@@ -25,6 +25,67 @@ use crate::util::Tail;
 /// Bytes of stderr kept for a failed record.
 pub const TAIL_BYTES: usize = 4096;
 
+/// Environment variables that mark a child (and its descendants, which
+/// inherit them) as started by this daemon for this spool.
+pub const MARK_SPOOL: &str = "TTSPOOL_SPOOL";
+pub const MARK_INSTANCE: &str = "TTSPOOL_INSTANCE";
+pub const MARK_DAEMON_PID: &str = "TTSPOOL_DAEMON_PID";
+
+/// The marks every child of this daemon carries.
+pub fn marks(spool: &std::path::Path, instance: &str) -> Vec<(String, String)> {
+    vec![
+        (MARK_SPOOL.into(), spool.to_string_lossy().into_owned()),
+        (MARK_INSTANCE.into(), instance.into()),
+        (MARK_DAEMON_PID.into(), std::process::id().to_string()),
+    ]
+}
+
+/// Kills what a previous run of this instance left behind on this host.
+///
+/// `PR_SET_PDEATHSIG` kills our direct children when we die, but not their
+/// children (a shell's `sleep &`, a Python worker pool). Those still carry our
+/// marks in their environment, so a restart — which holds the instance lock,
+/// so the previous run is surely dead — finds them in /proc and kills them
+/// before it runs their tasks again. Returns how many were killed.
+pub fn kill_orphans(spool: &std::path::Path, instance: &str) -> usize {
+    let me = std::process::id().to_string();
+    let want_spool = format!("{MARK_SPOOL}={}", spool.to_string_lossy());
+    let want_inst = format!("{MARK_INSTANCE}={instance}");
+    let pid_prefix = format!("{MARK_DAEMON_PID}=");
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for ent in rd.flatten() {
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let mut spool_ok = false;
+        let mut inst_ok = false;
+        let mut other_daemon = false;
+        for kv in env.split(|&b| b == 0) {
+            let kv = String::from_utf8_lossy(kv);
+            if kv == want_spool {
+                spool_ok = true;
+            } else if kv == want_inst {
+                inst_ok = true;
+            } else if let Some(p) = kv.strip_prefix(&pid_prefix) {
+                other_daemon = p != me;
+            }
+        }
+        if spool_ok && inst_ok && other_daemon {
+            // SAFETY: kill(2) on a pid; no memory is touched.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
 #[derive(Debug, Clone)]
 pub struct ChildSpec {
     pub argv: Vec<String>,

@@ -17,6 +17,7 @@ use crate::util::{fsync_dir, io_msg};
 
 pub struct CommandEngine {
     argv: Vec<String>,
+    marks: Vec<(String, String)>,
     timeout: std::time::Duration,
     kill_grace: std::time::Duration,
     name: String,
@@ -30,6 +31,7 @@ impl CommandEngine {
             .unwrap_or_else(|| cfg.engine.argv[0].clone());
         CommandEngine {
             argv: cfg.engine.argv.clone(),
+            marks: process::marks(&cfg.spool.dir, &cfg.spool.instance),
             timeout: cfg.engine.timeout.0,
             kill_grace: cfg.engine.kill_grace.0,
             name: format!("command:{prog}"),
@@ -84,6 +86,7 @@ impl CommandEngine {
             ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
             ("TTSPOOL_TRACE_ID".to_string(), job.trace_id.clone()),
         ];
+        env.extend(self.marks.iter().cloned());
         if let Some(d) = &slot.device {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), d.clone()));
         }

@@ -60,7 +60,7 @@ pub enum ClaimError {
         spool: PathBuf,
         holder: String,
     },
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {}: {}", .path.display(), crate::util::io_msg(.source))]
     Io {
         action: &'static str,
         path: PathBuf,

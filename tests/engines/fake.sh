@@ -8,6 +8,9 @@ case "$text" in
   *EXIT1*)
     echo "boom: this engine fails on purpose for $id" >&2
     exit 1 ;;
+  *HANGUNTILRELEASED*)
+    # Hangs until the test creates "$FAKE_LOG.release".
+    while [ ! -e "$FAKE_LOG.release" ]; do sleep 0.05; done ;;
   *HANG*)
     # A grandchild that holds stdout open, and a child that never ends.
     sleep 1000 &
