@@ -58,7 +58,10 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
             cfg.path.display()
         )),
     }
-    for (key, dir) in [("spool.dir", &cfg.spool.dir), ("output.dir", &cfg.output.dir)] {
+    for (key, dir) in [
+        ("spool.dir", &cfg.spool.dir),
+        ("output.dir", &cfg.output.dir),
+    ] {
         match writable(dir) {
             Ok(()) => println!("ok: {key} {}", dir.display()),
             Err(e) => problems.push(format!("{}: {key}: {e}", cfg.path.display())),

@@ -47,9 +47,11 @@ impl fmt::Debug for Dur {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"2s\", \"10m\"")))
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. \"500ms\", \"2s\", \"10m\""
+            ))
+        })
     }
 }
 
@@ -325,10 +327,16 @@ impl Config {
             message: message.to_string(),
         };
         if self.engine.argv.is_empty() {
-            return Err(bad("engine.argv", "must name a command, e.g. [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]"));
+            return Err(bad(
+                "engine.argv",
+                "must name a command, e.g. [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]",
+            ));
         }
         if !self.engine.argv.iter().any(|a| a.contains("{output}")) {
-            return Err(bad("engine.argv", "must contain {output}: the engine writes the WAV there"));
+            return Err(bad(
+                "engine.argv",
+                "must contain {output}: the engine writes the WAV there",
+            ));
         }
         if self.gpu.devices.is_empty() && self.gpu.max_parallel == 0 {
             return Err(bad("gpu.max_parallel", "must be at least 1"));
@@ -337,7 +345,10 @@ impl Config {
             return Err(bad("gpu.slots_per_device", "must be at least 1"));
         }
         if self.retry.max_attempts == 0 {
-            return Err(bad("retry.max_attempts", "must be at least 1 (it counts the first run)"));
+            return Err(bad(
+                "retry.max_attempts",
+                "must be at least 1 (it counts the first run)",
+            ));
         }
         if self.limits.max_line_bytes < 64 {
             return Err(bad("limits.max_line_bytes", "must be at least 64"));
@@ -357,7 +368,10 @@ impl Config {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
-            return Err(bad("spool.instance", "must be 1-100 characters of A-Z a-z 0-9 - _ ."));
+            return Err(bad(
+                "spool.instance",
+                "must be 1-100 characters of A-Z a-z 0-9 - _ .",
+            ));
         }
         Ok(())
     }
@@ -442,7 +456,9 @@ mod tests {
 
     #[test]
     fn bad_duration_says_how_to_write_one() {
-        let e = parse("[engine]\ntimeout = \"ten\"\n").unwrap_err().to_string();
+        let e = parse("[engine]\ntimeout = \"ten\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid duration") && e.contains("10m"), "{e}");
     }
 
@@ -454,7 +470,9 @@ mod tests {
 
     #[test]
     fn argv_needs_output() {
-        let e = parse("[engine]\nargv = [\"true\"]\n").unwrap_err().to_string();
+        let e = parse("[engine]\nargv = [\"true\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("engine.argv") && e.contains("{output}"), "{e}");
     }
 }

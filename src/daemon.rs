@@ -32,6 +32,9 @@ use crate::spool::{watch as spool_watch, Spool};
 use crate::task::{self, parse_line, TaskRules};
 use crate::util::{cut, now_rfc3339};
 
+/// The most lines one claim takes when claims bring no engine work.
+const MAX_BURST: usize = 1024;
+
 /// Signals the daemon reacts to (injected, so tests need no real handlers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sig {
@@ -92,6 +95,13 @@ pub struct Daemon {
     instance: String,
     dirty: bool,
     claiming: bool,
+    /// Lines to claim at once when claims yield no engine work (all skipped
+    /// or invalid): grows so a backlog of skips is not throttled by per-claim
+    /// fsyncs; back to the slot count as soon as a claim brings real work, so
+    /// daemons sharing a spool never hoard tasks another one could run.
+    burst: usize,
+    /// Moving average of engine run time, for how far ahead to claim.
+    avg_run_ms: u64,
     taking_over: bool,
     recovered: bool,
     last_claim_empty: bool,
@@ -103,7 +113,11 @@ pub struct Daemon {
 }
 
 /// Runs the daemon until it is told to stop (or, with `once`, runs dry).
-pub async fn run(cfg: Config, opts: Options, mut signals: mpsc::UnboundedReceiver<Sig>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    opts: Options,
+    mut signals: mpsc::UnboundedReceiver<Sig>,
+) -> anyhow::Result<()> {
     let spool = Spool::new(&cfg.spool.dir);
     let claimer = Claimer::open(
         &spool,
@@ -115,7 +129,10 @@ pub async fn run(cfg: Config, opts: Options, mut signals: mpsc::UnboundedReceive
     // We hold the instance lock: whatever our previous run left is orphaned.
     let orphans = crate::process::kill_orphans(&cfg.spool.dir, &cfg.spool.instance);
     if orphans > 0 {
-        warn!(killed = orphans, "killed processes left behind by a previous run of this instance");
+        warn!(
+            killed = orphans,
+            "killed processes left behind by a previous run of this instance"
+        );
     }
     std::fs::create_dir_all(&cfg.output.dir).map_err(|e| {
         anyhow::anyhow!(
@@ -157,6 +174,8 @@ pub async fn run(cfg: Config, opts: Options, mut signals: mpsc::UnboundedReceive
         leases: HashMap::new(),
         dirty: true,
         claiming: false,
+        burst: 0,
+        avg_run_ms: 1000,
         taking_over: false,
         recovered: false,
         last_claim_empty: false,
@@ -278,7 +297,10 @@ impl Daemon {
             }
             Event::GraceOver => {
                 if self.sched.busy() > 0 {
-                    warn!(running = self.sched.busy(), "shutdown.grace is over: killing running tasks; they are handed back");
+                    warn!(
+                        running = self.sched.busy(),
+                        "shutdown.grace is over: killing running tasks; they are handed back"
+                    );
                 }
                 let _ = self.cancel.send(true);
             }
@@ -287,7 +309,8 @@ impl Daemon {
 
     /// True when the loop may end.
     fn done(&self) -> bool {
-        let idle = self.sched.busy() == 0 && self.uncommitted == 0 && !self.claiming && !self.taking_over;
+        let idle =
+            self.sched.busy() == 0 && self.uncommitted == 0 && !self.claiming && !self.taking_over;
         if self.stopping > 0 {
             return idle;
         }
@@ -313,7 +336,7 @@ impl Daemon {
             }
             return;
         }
-        while let Some((slot, work)) = self.sched.next() {
+        while let Some((slot, work)) = self.sched.next_ready() {
             if work.job.output.exists() {
                 self.sched.finish(&slot, &work.job.output);
                 self.skip(work);
@@ -321,8 +344,15 @@ impl Daemon {
             }
             self.start(slot, work);
         }
-        let want = (self.sched.slot_count() * 2).saturating_sub(self.sched.queued() + self.sched.busy());
-        if self.dirty && !self.claiming && want > 0 {
+        // Claim about a second of work ahead per slot (at least two tasks):
+        // long TTS tasks stay spread over the daemons sharing the spool, and
+        // millisecond tasks are not throttled by one claim per task.
+        let per_slot = (1000 / self.avg_run_ms.max(1)).clamp(2, 64) as usize;
+        let target = self.sched.slot_count() * per_slot;
+        let have = self.sched.queued() + self.sched.busy();
+        let want = target.saturating_sub(have).max(self.burst);
+        let low = have <= target / 2 || self.burst > 0;
+        if self.dirty && !self.claiming && want > 0 && low {
             self.dirty = false;
             self.claiming = true;
             let c = self.claimer.clone();
@@ -368,9 +398,17 @@ impl Daemon {
         for held in batch.leases {
             self.leases.insert(held.path, held.doc.lines);
         }
+        let before = self.sched.queued();
+        let claimed = batch.lines.len();
         for c in batch.lines {
             self.accept(c);
         }
+        let to_engine = self.sched.queued() - before;
+        self.burst = if claimed > 0 && to_engine == 0 {
+            (self.burst.max(self.sched.slot_count() * 2) * 2).min(MAX_BURST)
+        } else {
+            0
+        };
     }
 
     fn adopt(&mut self, held: Held, lines: Vec<Claimed>) {
@@ -392,7 +430,11 @@ impl Daemon {
             file_id: c.file_id,
             line: c.no,
         };
-        let invalid = |this: &mut Self, id: String, message: String, raw: String, task: Option<task::Task>| {
+        let invalid = |this: &mut Self,
+                       id: String,
+                       message: String,
+                       raw: String,
+                       task: Option<task::Task>| {
             warn!(id = %id, trace_id = %trace_id, stage = "failed", file = %cref.file, line = cref.line, "invalid task: {message}");
             let common = this.common(&cref, id, trace_id.clone());
             this.commit(
@@ -409,7 +451,15 @@ impl Daemon {
             );
         };
         let bytes = match c.line {
-            Err(msg) => return invalid(self, format!("{}:{}", cref.file, cref.line), msg, String::new(), None),
+            Err(msg) => {
+                return invalid(
+                    self,
+                    format!("{}:{}", cref.file, cref.line),
+                    msg,
+                    String::new(),
+                    None,
+                )
+            }
             Ok(Line::TooLong { len, head, .. }) => {
                 let msg = format!(
                     "line is {len} bytes, more than limits.max_line_bytes = {}",
@@ -425,7 +475,13 @@ impl Daemon {
             Err(e) => {
                 let raw = cut(&String::from_utf8_lossy(&bytes), RAW_KEEP).to_string();
                 let id = guess_id(&bytes).unwrap_or_else(|| format!("{}:{}", cref.file, cref.line));
-                return invalid(self, id, format!("{}:{}: {}", cref.file, cref.line, e.0), raw, None);
+                return invalid(
+                    self,
+                    id,
+                    format!("{}:{}: {}", cref.file, cref.line, e.0),
+                    raw,
+                    None,
+                );
             }
         };
         let prompt_audio = match &task.prompt_audio {
@@ -433,7 +489,13 @@ impl Daemon {
                 Ok(p) => Some(p),
                 Err(m) => {
                     let id = task.id.clone();
-                    return invalid(self, id, format!("{}:{}: prompt_audio: {m}", cref.file, cref.line), String::new(), Some(task));
+                    return invalid(
+                        self,
+                        id,
+                        format!("{}:{}: prompt_audio: {m}", cref.file, cref.line),
+                        String::new(),
+                        Some(task),
+                    );
                 }
             },
             None => None,
@@ -518,6 +580,7 @@ impl Daemon {
                 info!(id = %id, trace_id = %trace, "stopped by shutdown; handed back");
             }
             Outcome::Completed { run_ms } => {
+                self.avg_run_ms = (self.avg_run_ms * 7 + run_ms) / 8;
                 let common = self.common(&work.claim, id, trace);
                 self.commit(
                     work.claim.clone(),
@@ -541,7 +604,10 @@ impl Daemon {
                 stderr_tail,
                 ..
             } => {
-                if kind.retryable() && work.attempts < self.cfg.retry.max_attempts && self.stopping == 0 {
+                if kind.retryable()
+                    && work.attempts < self.cfg.retry.max_attempts
+                    && self.stopping == 0
+                {
                     let wait = backoff(self.cfg.retry.backoff.0, work.attempts);
                     warn!(id = %id, trace_id = %trace, stage = "retrying", kind = kind.as_str(), attempt = work.attempts, wait = %humantime::format_duration(wait), "{message}");
                     self.retries += 1;
@@ -552,7 +618,10 @@ impl Daemon {
                     });
                     return;
                 }
-                if kind.retryable() && self.stopping > 0 && work.attempts < self.cfg.retry.max_attempts {
+                if kind.retryable()
+                    && self.stopping > 0
+                    && work.attempts < self.cfg.retry.max_attempts
+                {
                     info!(id = %id, trace_id = %trace, "failed during shutdown; handed back for a retry");
                     return;
                 }
@@ -622,7 +691,9 @@ impl Daemon {
 fn describe(rec: &Record) -> String {
     match rec {
         Record::Done { skipped: true, .. } => "output exists; skipped".into(),
-        Record::Done { run_ms, attempts, .. } => format!("completed in {run_ms} ms (attempt {attempts})"),
+        Record::Done {
+            run_ms, attempts, ..
+        } => format!("completed in {run_ms} ms (attempt {attempts})"),
         Record::Failed { kind, message, .. } => format!("failed ({}): {message}", kind.as_str()),
     }
 }
@@ -674,8 +745,26 @@ fn committer(
 }
 
 /// Appends a batch under the records lock, leaving out records whose lease
-/// another daemon has taken over (it re-runs those lines itself).
+/// another daemon has taken over (it re-runs those lines itself). First the
+/// folders of the batch's new outputs are fsynced, once each, so every
+/// `completed` record points at a rename that is already durable.
 fn write_batch(log: &RecordLog, batch: &[Commit]) -> std::io::Result<Vec<bool>> {
+    let mut dirs: Vec<&std::path::Path> = batch
+        .iter()
+        .filter_map(|c| match &c.record {
+            Record::Done {
+                skipped: false,
+                output,
+                ..
+            } => output.parent(),
+            _ => None,
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        crate::util::fsync_dir(d)?;
+    }
     let _g = log.lock()?;
     let mut ours: HashMap<&PathBuf, bool> = HashMap::new();
     let mut done = Vec::new();

@@ -28,7 +28,11 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ttspool: {e}");
             // `check` reports problems with 1, like any other it finds.
-            let code = if matches!(cli.command, Command::Check { .. }) { 1 } else { EXIT_CONFIG };
+            let code = if matches!(cli.command, Command::Check { .. }) {
+                1
+            } else {
+                EXIT_CONFIG
+            };
             return ExitCode::from(code);
         }
     };

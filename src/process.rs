@@ -8,9 +8,10 @@
 //! *thread* that spawned the child exits, which is why the daemon runs a
 //! current-thread runtime and spawns only from its main thread.
 //!
-//! stdout and stderr are drained while waiting, so a chatty child never blocks
-//! on a full pipe; after the child exits the rest of its group is killed, so
-//! a grandchild holding the pipes open cannot hang us.
+//! stderr is drained while waiting (its tail goes into failed records), so a
+//! chatty child never blocks on a full pipe; stdout goes to /dev/null. After
+//! the child exits the rest of its group is killed, so a grandchild holding
+//! stderr open cannot hang us.
 
 use std::io;
 use std::path::PathBuf;
@@ -126,7 +127,9 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        // stdout is not kept (engines print progress there); /dev/null
+        // never fills up, and costs no pipe or reader per child.
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
@@ -164,12 +167,7 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
         }
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
-    let drain_out = tokio::spawn(async move {
-        let mut buf = [0u8; 8192];
-        while matches!(out.read(&mut buf).await, Ok(n) if n > 0) {}
-    });
     let drain_err = tokio::spawn(async move {
         let mut tail = Tail::new(TAIL_BYTES);
         let mut buf = [0u8; 8192];
@@ -212,7 +210,6 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
     // Whatever is left of the group (grandchildren, a child ignoring TERM) goes now.
     signal_group(pgid, libc::SIGKILL);
     let _ = child.wait().await;
-    drain_out.abort();
     let stderr_tail = match tokio::time::timeout(Duration::from_secs(2), drain_err).await {
         Ok(Ok(t)) => t.text(),
         _ => String::new(),

@@ -68,7 +68,7 @@ impl Scheduler {
     }
 
     /// The next work and a free slot for it, marking both taken.
-    pub fn next(&mut self) -> Option<(Slot, Work)> {
+    pub fn next_ready(&mut self) -> Option<(Slot, Work)> {
         let free = self.slots.iter().position(|(_, b)| !*b)?;
         let i = self
             .queue

@@ -68,7 +68,10 @@ pub fn status(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> 
             })?;
         }
         if found.is_empty() {
-            eprintln!("ttspool: no record for task id {id:?} in {}", spool.root.display());
+            eprintln!(
+                "ttspool: no record for task id {id:?} in {}",
+                spool.root.display()
+            );
             return Ok(1);
         }
         for f in found {
@@ -87,7 +90,10 @@ pub fn status(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> 
         return Ok(0);
     }
     println!("spool      {}", spool.root.display());
-    println!("pending    {} line(s) in {} file(s)", c.pending, c.pending_files);
+    println!(
+        "pending    {} line(s) in {} file(s)",
+        c.pending, c.pending_files
+    );
     println!("in flight  {}", c.in_flight);
     for (inst, n) in &c.in_flight_by_instance {
         println!("  {inst:<20} {n}");
@@ -99,7 +105,10 @@ pub fn status(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> 
         println!("  {k:<20} {n}");
     }
     if c.unreadable_record_lines > 0 {
-        println!("warning: {} torn or unreadable line(s) in the record logs were skipped", c.unreadable_record_lines);
+        println!(
+            "warning: {} torn or unreadable line(s) in the record logs were skipped",
+            c.unreadable_record_lines
+        );
     }
     Ok(0)
 }

@@ -53,8 +53,7 @@ pub fn validate_file(path: &Path, shown: &str, cfg: &Config) -> io::Result<Valid
 pub fn submit(cfg: &Config, inputs: &[PathBuf]) -> anyhow::Result<u8> {
     let spool = Spool::new(&cfg.spool.dir);
     let pending = spool.pending();
-    fs::create_dir_all(&pending)
-        .with_context(|| format!("cannot create {}", pending.display()))?;
+    fs::create_dir_all(&pending).with_context(|| format!("cannot create {}", pending.display()))?;
     let mut staged: Vec<(PathBuf, PathBuf, String, u64)> = Vec::new();
     let mut bad = 0usize;
     let cleanup = |staged: &[(PathBuf, PathBuf, String, u64)]| {
@@ -101,9 +100,19 @@ pub fn submit(cfg: &Config, inputs: &[PathBuf]) -> anyhow::Result<u8> {
         };
         let stem: String = stem
             .chars()
-            .map(|c| if c.is_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' })
+            .map(|c| {
+                if c.is_alphanumeric() || matches!(c, '-' | '_') {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
-        let final_path = pending.join(format!("{}-{}.jsonl", stem.trim_start_matches('_'), id.to_lowercase()));
+        let final_path = pending.join(format!(
+            "{}-{}.jsonl",
+            stem.trim_start_matches('_'),
+            id.to_lowercase()
+        ));
         staged.push((tmp, final_path, shown, v.tasks));
     }
     if bad > 0 {
@@ -116,10 +125,7 @@ pub fn submit(cfg: &Config, inputs: &[PathBuf]) -> anyhow::Result<u8> {
         fs::rename(tmp, final_path)
             .with_context(|| format!("cannot publish {}", final_path.display()))?;
         total += tasks;
-        println!(
-            "{shown}: {tasks} task(s) -> {}",
-            final_path.display()
-        );
+        println!("{shown}: {tasks} task(s) -> {}", final_path.display());
     }
     fsync_dir(&pending).with_context(|| format!("cannot sync {}", pending.display()))?;
     println!("submitted {total} task(s) in {} file(s)", staged.len());

@@ -98,7 +98,9 @@ pub fn parse_line(line: &[u8], rules: &TaskRules) -> Result<Task, InvalidTask> {
             )));
         }
     }
-    let mut take = |name: &'static str, alias: Option<&'static str>| -> Result<Option<(&'static str, Value)>, InvalidTask> {
+    let mut take = |name: &'static str,
+                    alias: Option<&'static str>|
+     -> Result<Option<(&'static str, Value)>, InvalidTask> {
         let a = obj.remove(name);
         let b = alias.and_then(|al| obj.remove(al));
         match (a, b) {
@@ -111,16 +113,17 @@ pub fn parse_line(line: &[u8], rules: &TaskRules) -> Result<Task, InvalidTask> {
             (None, None) => Ok(None),
         }
     };
-    let mut string = |name: &'static str, alias: Option<&'static str>| -> Result<Option<String>, InvalidTask> {
-        match take(name, alias)? {
-            None | Some((_, Value::Null)) => Ok(None),
-            Some((_, Value::String(s))) => Ok(Some(s)),
-            Some((used, v)) => Err(InvalidTask(format!(
-                "{used}: must be a string, got {}",
-                kind_of(&v)
-            ))),
-        }
-    };
+    let mut string =
+        |name: &'static str, alias: Option<&'static str>| -> Result<Option<String>, InvalidTask> {
+            match take(name, alias)? {
+                None | Some((_, Value::Null)) => Ok(None),
+                Some((_, Value::String(s))) => Ok(Some(s)),
+                Some((used, v)) => Err(InvalidTask(format!(
+                    "{used}: must be a string, got {}",
+                    kind_of(&v)
+                ))),
+            }
+        };
     let input_text = string("input_text", Some("syn_text"))?;
     let output_name = string("output_name", Some("uttid"))?;
     let id = string("id", None)?;
@@ -163,14 +166,17 @@ pub fn parse_line(line: &[u8], rules: &TaskRules) -> Result<Task, InvalidTask> {
         None => output_name.clone(),
     };
     if let Some(p) = &prompt_audio {
-        resolve_voice(&rules.voices_dir, p).map_err(|m| InvalidTask(format!("prompt_audio: {m}")))?;
+        resolve_voice(&rules.voices_dir, p)
+            .map_err(|m| InvalidTask(format!("prompt_audio: {m}")))?;
     } else if rules.needs_prompt_audio {
         return Err(InvalidTask(
             "prompt_audio: missing, and the engine needs it (alias: prompt_speech)".into(),
         ));
     }
     if prompt_text.is_none() && rules.needs_prompt_text {
-        return Err(InvalidTask("prompt_text: missing, and the engine needs it".into()));
+        return Err(InvalidTask(
+            "prompt_text: missing, and the engine needs it".into(),
+        ));
     }
     if let Some(u) = &callback_url {
         if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() > 2048 {
@@ -305,15 +311,28 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         assert!(err(r#"{"input_txt":"x","output_name":"a"}"#).contains("\"input_txt\""));
-        assert!(err(r#"{"input_text":5,"output_name":"a"}"#).starts_with("input_text: must be a string"));
+        assert!(err(r#"{"input_text":5,"output_name":"a"}"#)
+            .starts_with("input_text: must be a string"));
         assert!(err(r#"{"output_name":"a"}"#).starts_with("input_text: missing"));
         assert!(err(r#"{"input_text":"x"}"#).starts_with("output_name: missing"));
-        assert!(err(r#"{"input_text":"01234567890","output_name":"a"}"#).starts_with("input_text: 11 characters"));
+        assert!(err(r#"{"input_text":"01234567890","output_name":"a"}"#)
+            .starts_with("input_text: 11 characters"));
         assert!(err(r#"{"input_text":"x","output_name":"../a"}"#).starts_with("output_name:"));
-        assert!(err(r#"{"input_text":"x","output_name":"a","metadata":1}"#).starts_with("metadata:"));
-        assert!(err(r#"{"input_text":"x","syn_text":"y","output_name":"a"}"#).starts_with("input_text: both"));
-        assert!(err(r#"{"input_text":"x","output_name":"a","prompt_audio":"../../etc/passwd"}"#).starts_with("prompt_audio:"));
-        assert!(err(r#"{"input_text":"x","output_name":"a","callback_url":"ftp://x"}"#).starts_with("callback_url:"));
+        assert!(
+            err(r#"{"input_text":"x","output_name":"a","metadata":1}"#).starts_with("metadata:")
+        );
+        assert!(
+            err(r#"{"input_text":"x","syn_text":"y","output_name":"a"}"#)
+                .starts_with("input_text: both")
+        );
+        assert!(
+            err(r#"{"input_text":"x","output_name":"a","prompt_audio":"../../etc/passwd"}"#)
+                .starts_with("prompt_audio:")
+        );
+        assert!(
+            err(r#"{"input_text":"x","output_name":"a","callback_url":"ftp://x"}"#)
+                .starts_with("callback_url:")
+        );
         assert!(err("[1]").contains("JSON object"));
         assert!(err("{\"input_text\":").contains("invalid JSON"));
     }
@@ -323,7 +342,9 @@ mod tests {
         for ok in ["a", "order_1001", "zh/订单-1.v2", "a/b/c"] {
             assert!(check_output_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/a", "a//b", "a/./b", "a/../b", ".hidden", "a/.b", "a b", "a\u{7}", "a\\b", "a/"] {
+        for bad in [
+            "", "/a", "a//b", "a/./b", "a/../b", ".hidden", "a/.b", "a b", "a\u{7}", "a\\b", "a/",
+        ] {
             assert!(check_output_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_output_name(&"x".repeat(201)).is_err());

@@ -60,7 +60,9 @@ pub fn create_exclusive(path: &Path, bytes: &[u8]) -> io::Result<bool> {
 /// RFC 3339 UTC timestamp with milliseconds.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
+    let now = now
+        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now);
     now.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -74,7 +76,10 @@ pub struct Tail {
 
 impl Tail {
     pub fn new(cap: usize) -> Tail {
-        Tail { buf: Vec::new(), cap }
+        Tail {
+            buf: Vec::new(),
+            cap,
+        }
     }
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);

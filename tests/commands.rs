@@ -16,15 +16,34 @@ fn submit_publishes_only_when_every_line_is_valid() {
     let good = env.root().join("good.jsonl");
     let bad = env.root().join("bad.jsonl");
     fs::write(&good, task_line("a", "x") + "\n" + &task_line("b", "y")).unwrap();
-    fs::write(&bad, task_line("c", "x") + "{\"input_txt\":\"x\",\"output_name\":\"d\"}\n").unwrap();
-    let out = env.cmd(&["submit", good.to_str().unwrap(), bad.to_str().unwrap()]).output().unwrap();
+    fs::write(
+        &bad,
+        task_line("c", "x") + "{\"input_txt\":\"x\",\"output_name\":\"d\"}\n",
+    )
+    .unwrap();
+    let out = env
+        .cmd(&["submit", good.to_str().unwrap(), bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("bad.jsonl:2: unknown field \"input_txt\""), "{err}");
-    let pending: Vec<_> = fs::read_dir(env.spool().join("pending")).unwrap().flatten().collect();
-    assert!(pending.is_empty(), "published despite an invalid line: {pending:?}");
+    assert!(
+        err.contains("bad.jsonl:2: unknown field \"input_txt\""),
+        "{err}"
+    );
+    let pending: Vec<_> = fs::read_dir(env.spool().join("pending"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        pending.is_empty(),
+        "published despite an invalid line: {pending:?}"
+    );
 
-    let out = env.cmd(&["submit", good.to_str().unwrap()]).output().unwrap();
+    let out = env
+        .cmd(&["submit", good.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("submitted 2 task(s) in 1 file(s)"));
     // From stdin too.
@@ -35,10 +54,19 @@ fn submit_publishes_only_when_every_line_is_valid() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(task_line("s", "from stdin").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(task_line("s", "from stdin").as_bytes())
+        .unwrap();
     assert!(child.wait_with_output().unwrap().status.success());
     env.run_once();
-    let ids: Vec<_> = env.done().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<_> = env
+        .done()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 3, "{ids:?}");
 }
 
@@ -48,16 +76,30 @@ fn check_reports_config_and_task_problems_as_lines() {
     let out = env.cmd(&["check"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let f = env.root().join("t.jsonl");
-    fs::write(&f, task_line("a", "x") + "{\"input_text\":\"x\",\"output_name\":\"/abs\"}\n").unwrap();
+    fs::write(
+        &f,
+        task_line("a", "x") + "{\"input_text\":\"x\",\"output_name\":\"/abs\"}\n",
+    )
+    .unwrap();
     let out = env.cmd(&["check", f.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("t.jsonl:2: output_name:"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("t.jsonl:2: output_name:"),
+        "{}",
+        text(&out.stderr)
+    );
     // An engine that does not exist.
-    let cfg = fs::read_to_string(env.config()).unwrap().replace(&fake_engine().display().to_string(), "no-such-tts-engine");
+    let cfg = fs::read_to_string(env.config())
+        .unwrap()
+        .replace(&fake_engine().display().to_string(), "no-such-tts-engine");
     fs::write(env.config(), cfg).unwrap();
     let out = env.cmd(&["check"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("engine.argv: \"no-such-tts-engine\" not found"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("engine.argv: \"no-such-tts-engine\" not found"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -66,7 +108,10 @@ fn config_errors_name_the_key_and_file_and_exit_2() {
     let out = env.cmd(&["run", "--once"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
-    assert!(err.contains("max_paralel") && err.contains("ttspool.toml"), "{err}");
+    assert!(
+        err.contains("max_paralel") && err.contains("ttspool.toml"),
+        "{err}"
+    );
     assert!(err.lines().count() <= 2, "{err}");
     // check says the same, with its own exit code.
     let out = env.cmd(&["check"]).output().unwrap();
@@ -76,18 +121,33 @@ fn config_errors_name_the_key_and_file_and_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("cannot read config /nonexistent/ttspool.toml: not found"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot read config /nonexistent/ttspool.toml: not found"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn status_counts_and_finds_one_task() {
     let env = Env::new("");
-    env.drop_file("a.jsonl", &(task_line("good", "x") + &task_line("bad", "EXIT1") + "{\"nope\":1}\n"));
+    env.drop_file(
+        "a.jsonl",
+        &(task_line("good", "x") + &task_line("bad", "EXIT1") + "{\"nope\":1}\n"),
+    );
     env.drop_file("later.jsonl", &task_line("queued", "x"));
     // Only run the first file: move the second aside, then back.
-    fs::rename(env.spool().join("pending/later.jsonl"), env.root().join("later.jsonl")).unwrap();
+    fs::rename(
+        env.spool().join("pending/later.jsonl"),
+        env.root().join("later.jsonl"),
+    )
+    .unwrap();
     env.run_once();
-    fs::rename(env.root().join("later.jsonl"), env.spool().join("pending/later.jsonl")).unwrap();
+    fs::rename(
+        env.root().join("later.jsonl"),
+        env.spool().join("pending/later.jsonl"),
+    )
+    .unwrap();
     let out = env.cmd(&["status", "--json"]).output().unwrap();
     assert!(out.status.success());
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -14,7 +14,11 @@ fn the_default_config_synthesizes_the_samples_with_espeak_ng() {
     let dir = tempfile::tempdir().unwrap();
     fs::copy(repo.join("ttspool.toml"), dir.path().join("ttspool.toml")).unwrap();
     fs::create_dir_all(dir.path().join("voices")).unwrap();
-    fs::copy(repo.join("voices/support_female.wav"), dir.path().join("voices/support_female.wav")).unwrap();
+    fs::copy(
+        repo.join("voices/support_female.wav"),
+        dir.path().join("voices/support_female.wav"),
+    )
+    .unwrap();
     let samples: Vec<_> = fs::read_dir(repo.join("samples"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -25,7 +29,11 @@ fn the_default_config_synthesizes_the_samples_with_espeak_ng() {
             .current_dir(dir.path())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     };
     let mut submit = vec!["submit"];
@@ -36,7 +44,13 @@ fn the_default_config_synthesizes_the_samples_with_espeak_ng() {
     let done = read_jsonl(&dir.path().join("spool/done.jsonl"));
     let expected: usize = samples
         .iter()
-        .map(|p| fs::read_to_string(p).unwrap().lines().filter(|l| !l.trim().is_empty()).count())
+        .map(|p| {
+            fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count()
+        })
         .sum();
     assert!(expected >= 4);
     assert_eq!(done.len(), expected, "{done:#?}");
@@ -47,7 +61,11 @@ fn the_default_config_synthesizes_the_samples_with_espeak_ng() {
         assert!(out.starts_with(dir.path().join("spool/outputs")));
         assert!(is_wav(out));
         // Real speech, not a header: espeak-ng writes tens of KB per phrase.
-        assert!(fs::metadata(out).unwrap().len() > 10_000, "{}", out.display());
+        assert!(
+            fs::metadata(out).unwrap().len() > 10_000,
+            "{}",
+            out.display()
+        );
     }
     let status = run(&["status", "--json"]);
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();

@@ -52,10 +52,19 @@ fn misbehaving_engines_end_in_the_right_records() {
         assert_eq!(r["error"]["kind"], kind, "{id}: {r}");
         assert_eq!(r["attempts"], attempts, "{id}");
         assert_eq!(r["task"]["id"], id);
-        assert!(!env.out().join(format!("{id}.wav")).exists(), "{id}: final output exists");
+        assert!(
+            !env.out().join(format!("{id}.wav")).exists(),
+            "{id}: final output exists"
+        );
     }
-    assert!(rec("exit1")["stderr_tail"].as_str().unwrap().contains("boom: this engine fails on purpose"));
-    assert!(rec("hang")["stderr_tail"].as_str().unwrap().contains("hanging"));
+    assert!(rec("exit1")["stderr_tail"]
+        .as_str()
+        .unwrap()
+        .contains("boom: this engine fails on purpose"));
+    assert!(rec("hang")["stderr_tail"]
+        .as_str()
+        .unwrap()
+        .contains("hanging"));
     assert_eq!(rec("flaky")["status"], "completed");
     assert_eq!(rec("flaky")["attempts"], 2);
     assert_eq!(rec("fine")["status"], "completed");
@@ -79,11 +88,12 @@ fn misbehaving_engines_end_in_the_right_records() {
 
 #[test]
 fn a_missing_engine_is_spawn_failed_and_says_so() {
-    let mut env = Env::new("");
+    let env = Env::new("");
     env.write_config();
-    let cfg = fs::read_to_string(env.config())
-        .unwrap()
-        .replace(&fake_engine().display().to_string(), "/nonexistent/tts-engine");
+    let cfg = fs::read_to_string(env.config()).unwrap().replace(
+        &fake_engine().display().to_string(),
+        "/nonexistent/tts-engine",
+    );
     fs::write(env.config(), cfg).unwrap();
     env.drop_file("a.jsonl", &task_line("x", "y"));
     env.run_once();
@@ -91,5 +101,8 @@ fn a_missing_engine_is_spawn_failed_and_says_so() {
     assert_eq!(f.len(), 1);
     assert_eq!(f[0]["error"]["kind"], "spawn_failed");
     let msg = f[0]["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("/nonexistent/tts-engine") && msg.contains("not found"), "{msg}");
+    assert!(
+        msg.contains("/nonexistent/tts-engine") && msg.contains("not found"),
+        "{msg}"
+    );
 }

@@ -13,8 +13,15 @@ fn every_kind_of_line_gets_one_record_and_the_daemon_keeps_running() {
     let env = Env::new("[limits]\nmax_text_chars = 50\nmax_line_bytes = 4096\n");
     // A voice outside voices/ reachable through a symlink.
     fs::write(env.root().join("secret.wav"), tiny_wav()).unwrap();
-    std::os::unix::fs::symlink(env.root().join("secret.wav"), env.root().join("voices/escape.wav")).unwrap();
-    let long_line = format!("{{\"input_text\":\"{}\",\"output_name\":\"big\"}}\n", "x".repeat(5 << 20));
+    std::os::unix::fs::symlink(
+        env.root().join("secret.wav"),
+        env.root().join("voices/escape.wav"),
+    )
+    .unwrap();
+    let long_line = format!(
+        "{{\"input_text\":\"{}\",\"output_name\":\"big\"}}\n",
+        "x".repeat(5 << 20)
+    );
     let mut content = Vec::new();
     content.extend_from_slice(b"\xEF\xBB\xBF");
     content.extend_from_slice(br#"{"id":"ok1","input_text":"hello","output_name":"ok1","prompt_audio":"v.wav","prompt_text":"hi","metadata":{"k":[1,2]}}"#);
@@ -38,7 +45,9 @@ fn every_kind_of_line_gets_one_record_and_the_daemon_keeps_running() {
         content.push(b'\n');
     }
     content.extend_from_slice(long_line.as_bytes()); // 16
-    content.extend_from_slice(br#"{"id":"ok3","input_text":"after the big one","output_name":"sub/ok3"}"#);
+    content.extend_from_slice(
+        br#"{"id":"ok3","input_text":"after the big one","output_name":"sub/ok3"}"#,
+    );
     content.extend_from_slice(b"\n"); // 17
     let pending = env.spool().join("pending");
     fs::write(pending.join(".mixed.tmp"), &content).unwrap();
@@ -94,8 +103,14 @@ fn every_kind_of_line_gets_one_record_and_the_daemon_keeps_running() {
         assert_eq!(r["status"], "failed");
         assert_eq!(r["error"]["kind"], "invalid_task", "line {line}");
         let msg = r["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(word), "line {line}: {msg:?} should name {word}");
-        assert!(r.get("raw").is_some() || r.get("task").is_some(), "line {line}");
+        assert!(
+            msg.contains(word),
+            "line {line}: {msg:?} should name {word}"
+        );
+        assert!(
+            r.get("raw").is_some() || r.get("task").is_some(),
+            "line {line}"
+        );
     }
     assert_eq!(by_line(16)["raw"].as_str().unwrap().len(), 4096);
     assert_eq!(by_line(5)["id"], "typo");
@@ -105,7 +120,9 @@ fn every_kind_of_line_gets_one_record_and_the_daemon_keeps_running() {
 
     // Still running: a new file is taken.
     env.drop_file("later.jsonl", &task_line("later", "still alive"));
-    wait_until(30, "the later file", || env.done().iter().any(|d| d["id"] == "later"));
+    wait_until(30, "the later file", || {
+        env.done().iter().any(|d| d["id"] == "later")
+    });
     // Fully recorded files move to pending/.consumed/.
     wait_until(30, "consumed files", || {
         env.spool().join("pending/.consumed/mixed.jsonl").exists()
@@ -191,6 +208,10 @@ fn a_replaced_file_is_a_new_file() {
     env.run_once();
     env.drop_file("same.jsonl", &task_line("r2", "b"));
     env.run_once();
-    let ids: Vec<_> = env.done().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<_> = env
+        .done()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids, ["r1", "r2"]);
 }

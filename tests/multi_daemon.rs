@@ -10,7 +10,10 @@ use common::*;
 #[test]
 fn three_daemons_run_each_of_3000_tasks_once() {
     let env = Env::new("[gpu]\nmax_parallel = 2\n");
-    let mut daemons: Vec<_> = ["alpha", "beta", "gamma"].iter().map(|i| env.spawn(i)).collect();
+    let mut daemons: Vec<_> = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|i| env.spawn(i))
+        .collect();
     // Three files, dropped while the daemons run.
     for f in 0..3 {
         let content: String = (0..1000)
@@ -37,7 +40,9 @@ fn three_daemons_run_each_of_3000_tasks_once() {
             d["source"]["line"].as_u64().unwrap(),
         );
         *per_line.entry(key).or_default() += 1;
-        *per_instance.entry(d["instance"].as_str().unwrap().to_string()).or_default() += 1;
+        *per_instance
+            .entry(d["instance"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     assert_eq!(per_line.len(), 3000);
     assert!(per_line.values().all(|&n| n == 1));
@@ -52,14 +57,18 @@ fn three_daemons_run_each_of_3000_tasks_once() {
 #[test]
 fn a_dead_daemons_claims_are_taken_over_by_another_within_the_lease() {
     let env = Env::new("");
-    let content: String = (0..4).map(|i| task_line(&format!("d{i}"), "HANGUNTILRELEASED")).collect();
+    let content: String = (0..4)
+        .map(|i| task_line(&format!("d{i}"), "HANGUNTILRELEASED"))
+        .collect();
     env.drop_file("d.jsonl", &content);
     let mut a = env.spawn("a");
     wait_until(30, "a's children running", || env.starts().len() == 2);
     sigkill(&a);
     a.wait().unwrap();
     // a's engines died with it (PR_SET_PDEATHSIG).
-    wait_until(10, "a's engines gone", || survivors(&env.engine_pids()).is_empty());
+    wait_until(10, "a's engines gone", || {
+        survivors(&env.engine_pids()).is_empty()
+    });
     std::fs::write(env.log().with_extension("log.release"), "").unwrap();
     let mut b = env.spawn("b");
     // spool.lease is 3s in tests: b takes over once a's heartbeat is that old.
@@ -67,9 +76,14 @@ fn a_dead_daemons_claims_are_taken_over_by_another_within_the_lease() {
     sigterm(&b);
     assert!(b.wait().unwrap().success());
     let done = env.done();
-    assert!(done.iter().all(|r| r["instance"] == "b" && r["status"] == "completed"));
+    assert!(done
+        .iter()
+        .all(|r| r["instance"] == "b" && r["status"] == "completed"));
     let blog = std::fs::read_to_string(env.root().join("daemon-b.log")).unwrap();
-    assert!(blog.contains("took over lease") && blog.contains("from=a"), "{blog}");
+    assert!(
+        blog.contains("took over lease") && blog.contains("from=a"),
+        "{blog}"
+    );
 }
 
 #[test]
@@ -77,7 +91,9 @@ fn a_second_daemon_with_the_same_instance_is_refused() {
     let env = Env::new("");
     let mut a = env.spawn("same");
     wait_until(10, "a started", || {
-        std::fs::read_to_string(env.root().join("daemon-same.log")).unwrap_or_default().contains("ttspool started")
+        std::fs::read_to_string(env.root().join("daemon-same.log"))
+            .unwrap_or_default()
+            .contains("ttspool started")
     });
     let out = env
         .cmd_with(&env.instance_config("same"), &["run"])
@@ -85,7 +101,10 @@ fn a_second_daemon_with_the_same_instance_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already running") && err.contains("spool.instance"), "{err}");
+    assert!(
+        err.contains("already running") && err.contains("spool.instance"),
+        "{err}"
+    );
     sigterm(&a);
     assert!(a.wait().unwrap().success());
 }
@@ -104,11 +123,12 @@ fn a_restart_kills_grandchildren_its_killed_predecessor_left_behind() {
         !std::path::Path::new(&format!("/proc/{}/cmdline", pids[0])).exists()
             || survivors(&pids).iter().all(|s| !s.contains("(fake.sh)"))
     });
-    assert!(!survivors(&pids).is_empty(), "expected an orphaned grandchild");
+    assert!(
+        !survivors(&pids).is_empty(),
+        "expected an orphaned grandchild"
+    );
     let mut a2 = env.spawn("a");
-    wait_until(10, "the orphans killed", || {
-        survivors(&pids).is_empty()
-    });
+    wait_until(10, "the orphans killed", || survivors(&pids).is_empty());
     sigterm(&a2);
     assert!(a2.wait().unwrap().success());
     let log = std::fs::read_to_string(env.root().join("daemon-a.log")).unwrap();

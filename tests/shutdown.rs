@@ -9,7 +9,10 @@ use common::*;
 
 fn records_once_each(env: &Env, n: usize) {
     let done = env.done();
-    let mut lines: Vec<u64> = done.iter().map(|d| d["source"]["line"].as_u64().unwrap()).collect();
+    let mut lines: Vec<u64> = done
+        .iter()
+        .map(|d| d["source"]["line"].as_u64().unwrap())
+        .collect();
     lines.sort();
     lines.dedup();
     assert_eq!(lines.len(), done.len(), "duplicate records");
@@ -21,7 +24,9 @@ fn sigterm_lets_running_children_finish_then_restart_completes_the_rest() {
     let mut env = Env::new("[shutdown]\ngrace = \"10s\"\n");
     env.engine_extra.clear();
     env.write_config();
-    let content: String = (0..6).map(|i| task_line(&format!("s{i}"), "SLOW")).collect();
+    let content: String = (0..6)
+        .map(|i| task_line(&format!("s{i}"), "SLOW"))
+        .collect();
     env.drop_file("slow.jsonl", &content);
     let mut d = env.spawn("a");
     wait_until(30, "two children running", || env.starts().len() == 2);
@@ -29,7 +34,11 @@ fn sigterm_lets_running_children_finish_then_restart_completes_the_rest() {
     sigterm(&d);
     let st = d.wait().unwrap();
     assert!(st.success(), "{st:?}");
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
     // The two running tasks finished; nothing else started.
     assert_eq!(env.done().len(), 2);
     assert_eq!(env.starts().len(), 2);
@@ -41,14 +50,20 @@ fn sigterm_lets_running_children_finish_then_restart_completes_the_rest() {
 #[test]
 fn sigterm_kills_children_after_the_grace_and_hands_their_tasks_back() {
     let env = Env::new("[shutdown]\ngrace = \"500ms\"\n");
-    let content: String = (0..3).map(|i| task_line(&format!("h{i}"), "HANGUNTILRELEASED")).collect();
+    let content: String = (0..3)
+        .map(|i| task_line(&format!("h{i}"), "HANGUNTILRELEASED"))
+        .collect();
     env.drop_file("hang.jsonl", &content);
     let mut d = env.spawn("a");
     wait_until(30, "children running", || env.starts().len() == 2);
     let t = Instant::now();
     sigterm(&d);
     assert!(d.wait().unwrap().success());
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_eq!(env.records(), 0, "killed tasks are handed back, not failed");
     assert!(survivors(&env.engine_pids()).is_empty());
     // Another instance takes the handed-back claims at once (well before
@@ -58,7 +73,11 @@ fn sigterm_kills_children_after_the_grace_and_hands_their_tasks_back() {
     let t = Instant::now();
     let mut b = env.spawn("b");
     wait_until(60, "three records", || env.records() == 3);
-    assert!(t.elapsed() < Duration::from_secs(3), "handed-back tasks waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "handed-back tasks waited {:?}",
+        t.elapsed()
+    );
     sigterm(&b);
     assert!(b.wait().unwrap().success());
     records_once_each(&env, 3);
@@ -74,7 +93,9 @@ fn a_second_signal_kills_children_at_once() {
     sigterm(&d);
     let log = env.root().join("daemon-a.log");
     wait_until(30, "the first signal taken", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("stopping")
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("stopping")
     });
     let t = Instant::now();
     sigterm(&d);

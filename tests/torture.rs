@@ -25,7 +25,9 @@ impl Rng {
 #[test]
 fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let env = Env::new("[gpu]\nmax_parallel = 2\n");
-    let content: String = (0..500).map(|i| task_line(&format!("t{i}"), "text")).collect();
+    let content: String = (0..500)
+        .map(|i| task_line(&format!("t{i}"), "text"))
+        .collect();
     env.drop_file("big.jsonl", &content);
     // A second file appended to while the kills go on.
     let live = env.spool().join("pending/live.jsonl");
@@ -41,7 +43,9 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         d.wait().unwrap();
         kills += 1;
         if appended < 50 {
-            let more: String = (appended..appended + 10).map(|i| task_line(&format!("l{i}"), "live")).collect();
+            let more: String = (appended..appended + 10)
+                .map(|i| task_line(&format!("l{i}"), "live"))
+                .collect();
             append(&live, &more);
             appended += 10;
         }
@@ -63,7 +67,10 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         );
         *per_line.entry(key).or_default() += 1;
         let out = r["output"].as_str().unwrap();
-        assert!(is_wav(std::path::Path::new(out)), "{out} is not a valid WAV");
+        assert!(
+            is_wav(std::path::Path::new(out)),
+            "{out} is not a valid WAV"
+        );
     }
     let dups: Vec<_> = per_line.iter().filter(|(_, &n)| n > 1).collect();
     assert!(dups.is_empty(), "duplicate records: {dups:?}");
@@ -80,5 +87,8 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
             assert!(is_wav(&env.out().join(&name)), "{name}");
         }
     }
-    eprintln!("kills: {kills}, engine starts: {}", env.starts().values().sum::<usize>());
+    eprintln!(
+        "kills: {kills}, engine starts: {}",
+        env.starts().values().sum::<usize>()
+    );
 }

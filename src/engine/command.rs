@@ -13,7 +13,7 @@ use super::{is_wav, Job, Outcome, Slot};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::spool::records::ErrorKind;
-use crate::util::{fsync_dir, io_msg};
+use crate::util::io_msg;
 
 pub struct CommandEngine {
     argv: Vec<String>,
@@ -29,8 +29,14 @@ impl CommandEngine {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| cfg.engine.argv[0].clone());
+        // Resolve the program in $PATH once, not in every child (execvp
+        // tries each $PATH folder in turn); if absent, spawning reports it.
+        let mut argv = cfg.engine.argv.clone();
+        if let Some(p) = crate::check::find_executable(&argv[0]) {
+            argv[0] = p.to_string_lossy().into_owned();
+        }
         CommandEngine {
-            argv: cfg.engine.argv.clone(),
+            argv,
             marks: process::marks(&cfg.spool.dir, &cfg.spool.instance),
             timeout: cfg.engine.timeout.0,
             kill_grace: cfg.engine.kill_grace.0,
@@ -54,7 +60,11 @@ impl CommandEngine {
         if let Err(e) = std::fs::create_dir_all(dir) {
             return fail(
                 ErrorKind::SpawnFailed,
-                format!("cannot create output folder {}: {}", dir.display(), io_msg(&e)),
+                format!(
+                    "cannot create output folder {}: {}",
+                    dir.display(),
+                    io_msg(&e)
+                ),
                 String::new(),
                 0,
             );
@@ -82,7 +92,10 @@ impl CommandEngine {
             .collect();
         let mut env = vec![
             ("TTSPOOL_TASK_ID".to_string(), t.id.clone()),
-            ("TTSPOOL_OUTPUT".to_string(), tmp.to_string_lossy().into_owned()),
+            (
+                "TTSPOOL_OUTPUT".to_string(),
+                tmp.to_string_lossy().into_owned(),
+            ),
             ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
             ("TTSPOOL_TRACE_ID".to_string(), job.trace_id.clone()),
         ];
@@ -109,7 +122,10 @@ impl CommandEngine {
             ),
             Exit::TimedOut => fail(
                 ErrorKind::Timeout,
-                format!("engine ran longer than engine.timeout ({})", humantime::format_duration(self.timeout)),
+                format!(
+                    "engine ran longer than engine.timeout ({})",
+                    humantime::format_duration(self.timeout)
+                ),
                 res.stderr_tail,
                 run_ms,
             ),
@@ -119,10 +135,18 @@ impl CommandEngine {
                 res.stderr_tail,
                 run_ms,
             ),
-            Exit::Exited(_) => match finish_output(&tmp, &job.output) {
-                Ok(()) => Outcome::Completed { run_ms },
-                Err((kind, message)) => fail(kind, message, res.stderr_tail, run_ms),
-            },
+            Exit::Exited(_) => {
+                // fsync and rename block: keep them off the runtime thread,
+                // which spawns the other slots' children.
+                let (t, o) = (tmp.clone(), job.output.clone());
+                let done = tokio::task::spawn_blocking(move || finish_output(&t, &o))
+                    .await
+                    .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())));
+                match done {
+                    Ok(()) => Outcome::Completed { run_ms },
+                    Err((kind, message)) => fail(kind, message, res.stderr_tail, run_ms),
+                }
+            }
         };
         if !matches!(outcome, Outcome::Completed { .. }) {
             let _ = std::fs::remove_file(&tmp);
@@ -149,7 +173,11 @@ fn describe(st: std::process::ExitStatus) -> String {
     }
 }
 
-/// Validates the temp output and moves it durably onto the final path.
+/// Validates the temp output, makes its bytes durable and renames it onto the
+/// final path. The folder's fsync (which makes the rename durable) is left to
+/// the record committer, which does it once per folder per group of records
+/// and before the records: a record never says `completed` for an output
+/// that a crash could still take back.
 pub fn finish_output(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String)> {
     let md = match std::fs::metadata(tmp) {
         Ok(m) => m,
@@ -161,7 +189,10 @@ pub fn finish_output(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String
         }
     };
     if md.len() == 0 {
-        return Err((ErrorKind::InvalidOutput, "engine wrote an empty output file".into()));
+        return Err((
+            ErrorKind::InvalidOutput,
+            "engine wrote an empty output file".into(),
+        ));
     }
     match is_wav(tmp) {
         Ok(true) => {}
@@ -171,12 +202,17 @@ pub fn finish_output(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String
                 format!("engine output ({} bytes) is not a RIFF/WAVE file", md.len()),
             ))
         }
-        Err(e) => return Err((ErrorKind::InvalidOutput, format!("cannot read engine output: {}", io_msg(&e)))),
+        Err(e) => {
+            return Err((
+                ErrorKind::InvalidOutput,
+                format!("cannot read engine output: {}", io_msg(&e)),
+            ))
+        }
     }
     let durable = (|| {
         std::fs::File::open(tmp)?.sync_all()?;
         std::fs::rename(tmp, output)?;
-        fsync_dir(output.parent().unwrap_or(Path::new(".")))
+        Ok::<(), std::io::Error>(())
     })();
     durable.map_err(|e| {
         (

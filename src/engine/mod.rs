@@ -97,7 +97,12 @@ impl Engine {
     }
 
     /// Runs a batch on a slot; one outcome per job, in order.
-    pub async fn run_batch(&self, jobs: &[Job], slot: &Slot, cancel: watch::Receiver<bool>) -> Vec<Outcome> {
+    pub async fn run_batch(
+        &self,
+        jobs: &[Job],
+        slot: &Slot,
+        cancel: watch::Receiver<bool>,
+    ) -> Vec<Outcome> {
         match self {
             Engine::Command(c) => {
                 let mut out = Vec::with_capacity(jobs.len());

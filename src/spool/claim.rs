@@ -250,7 +250,10 @@ impl Claimer {
             std::process::id(),
             self.beats
         );
-        let path = self.spool.instances().join(format!("{}.alive", self.instance));
+        let path = self
+            .spool
+            .instances()
+            .join(format!("{}.alive", self.instance));
         (|| {
             self.alive.set_len(0)?;
             self.alive.write_all_at(body.as_bytes(), 0)?;
@@ -320,7 +323,12 @@ impl Claimer {
     }
 
     /// Claims up to `quota` lines of one file; returns how many.
-    fn claim_file(&mut self, e: &Entry, quota: usize, batch: &mut Batch) -> Result<usize, ClaimError> {
+    fn claim_file(
+        &mut self,
+        e: &Entry,
+        quota: usize,
+        batch: &mut Batch,
+    ) -> Result<usize, ClaimError> {
         let path = self.spool.pending().join(&e.name);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -383,7 +391,14 @@ impl Claimer {
         let (end_off, end_line) = (last.end(), last.no());
         lines.retain(|l| !l.is_blank());
         if lines.is_empty() {
-            write_cursor(&cursor_path, &Cursor { gen: cur.gen, offset: end_off, line: end_line })?;
+            write_cursor(
+                &cursor_path,
+                &Cursor {
+                    gen: cur.gen,
+                    offset: end_off,
+                    line: end_line,
+                },
+            )?;
             return Ok(0);
         }
         let (done_len, failed_len) = self.log.sizes();
@@ -413,7 +428,11 @@ impl Claimer {
                     tracing::warn!(lease = %lease_path.display(), "found a lease the cursor missed (crash while claiming); moving the cursor past it");
                     write_cursor(
                         &cursor_path,
-                        &Cursor { gen: other.gen, offset: other.end_off, line: other.end_line },
+                        &Cursor {
+                            gen: other.gen,
+                            offset: other.end_off,
+                            line: other.end_line,
+                        },
                     )?;
                     return Ok(0);
                 }
@@ -423,8 +442,18 @@ impl Claimer {
             }
         }
         fsync_dir(&dir).map_err(io_err("sync", &dir))?;
-        write_cursor(&cursor_path, &Cursor { gen: cur.gen, offset: end_off, line: end_line })?;
-        self.held.lock().expect("held set").insert(lease_path.clone());
+        write_cursor(
+            &cursor_path,
+            &Cursor {
+                gen: cur.gen,
+                offset: end_off,
+                line: end_line,
+            },
+        )?;
+        self.held
+            .lock()
+            .expect("held set")
+            .insert(lease_path.clone());
         let file_id = doc.file_id();
         let n = lines.len();
         for l in lines {
@@ -437,13 +466,22 @@ impl Claimer {
                 line: Ok(l),
             });
         }
-        batch.leases.push(Held { path: lease_path, doc });
+        batch.leases.push(Held {
+            path: lease_path,
+            doc,
+        });
         Ok(n)
     }
 
     /// Moves a fully claimed, settled file whose leases are all gone (every
     /// line recorded) to `pending/.consumed/`, and drops its sidecar folder.
-    fn consume(&mut self, e: &Entry, dir: &Path, path: &Path, batch: &mut Batch) -> Result<(), ClaimError> {
+    fn consume(
+        &mut self,
+        e: &Entry,
+        dir: &Path,
+        path: &Path,
+        batch: &mut Batch,
+    ) -> Result<(), ClaimError> {
         if has_leases(dir)? {
             return Ok(());
         }
@@ -470,7 +508,10 @@ impl Claimer {
     /// heartbeat and removes sidecar folders of files that are gone.
     pub fn take_over(&mut self) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
         self.heartbeat()?;
-        let own_alive = self.spool.instances().join(format!("{}.alive", self.instance));
+        let own_alive = self
+            .spool
+            .instances()
+            .join(format!("{}.alive", self.instance));
         let now_server = fs::metadata(&own_alive)
             .and_then(|m| m.modified())
             .map_err(io_err("stat", &own_alive))?;
@@ -514,9 +555,9 @@ impl Claimer {
                 let take = if doc.released || doc.instance == self.instance {
                     true
                 } else {
-                    *ages.entry(doc.instance.clone()).or_insert_with(|| {
-                        self.is_dead(&doc.instance, now_server)
-                    })
+                    *ages
+                        .entry(doc.instance.clone())
+                        .or_insert_with(|| self.is_dead(&doc.instance, now_server))
                 };
                 if take {
                     match self.take_lease(&lp, &dir, doc) {
@@ -540,7 +581,12 @@ impl Claimer {
         }
     }
 
-    fn take_lease(&mut self, lp: &Path, dir: &Path, old: LeaseDoc) -> Result<Option<(Held, Vec<Claimed>)>, ClaimError> {
+    fn take_lease(
+        &mut self,
+        lp: &Path,
+        dir: &Path,
+        old: LeaseDoc,
+    ) -> Result<Option<(Held, Vec<Claimed>)>, ClaimError> {
         let doc = LeaseDoc {
             instance: self.instance.clone(),
             token: ulid::Ulid::new().to_string(),
@@ -555,7 +601,14 @@ impl Claimer {
         let cursor_path = dir.join("cursor");
         let cur = read_cursor(&cursor_path)?;
         if cur.gen == doc.gen && cur.offset < doc.end_off {
-            write_cursor(&cursor_path, &Cursor { gen: doc.gen, offset: doc.end_off, line: doc.end_line })?;
+            write_cursor(
+                &cursor_path,
+                &Cursor {
+                    gen: doc.gen,
+                    offset: doc.end_off,
+                    line: doc.end_line,
+                },
+            )?;
         }
         // Which lines already have a record? Read under the records lock, so
         // a record the old owner was writing is either seen here or refused
@@ -564,7 +617,10 @@ impl Claimer {
         let mut recorded = HashSet::new();
         {
             let _g = self.log.lock().map_err(io_err("lock", &self.log.lock))?;
-            for (p, from) in [(&self.log.done, doc.done_len), (&self.log.failed, doc.failed_len)] {
+            for (p, from) in [
+                (&self.log.done, doc.done_len),
+                (&self.log.failed, doc.failed_len),
+            ] {
                 read_records(p, from, |r, _| {
                     if r.file_id == file_id {
                         recorded.insert(r.source.line);
@@ -573,7 +629,12 @@ impl Claimer {
                 .map_err(io_err("read", p))?;
             }
         }
-        let todo: Vec<u64> = doc.lines.iter().copied().filter(|l| !recorded.contains(l)).collect();
+        let todo: Vec<u64> = doc
+            .lines
+            .iter()
+            .copied()
+            .filter(|l| !recorded.contains(l))
+            .collect();
         if todo.is_empty() {
             let _ = fs::remove_file(lp);
             self.held.lock().expect("held set").remove(lp);
@@ -597,7 +658,13 @@ impl Claimer {
                 },
             })
             .collect();
-        Ok(Some((Held { path: lp.to_path_buf(), doc }, claimed)))
+        Ok(Some((
+            Held {
+                path: lp.to_path_buf(),
+                doc,
+            },
+            claimed,
+        )))
     }
 
     /// Reads the lines `todo` of a lease's range again from the producer file.

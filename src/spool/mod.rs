@@ -65,7 +65,12 @@ impl Spool {
 
     /// Creates the folders the daemon needs.
     pub fn create_dirs(&self) -> std::io::Result<()> {
-        for d in [self.pending(), self.consumed(), self.files(), self.instances()] {
+        for d in [
+            self.pending(),
+            self.consumed(),
+            self.files(),
+            self.instances(),
+        ] {
             std::fs::create_dir_all(&d)?;
         }
         Ok(())

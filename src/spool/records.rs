@@ -216,7 +216,11 @@ impl RecordLog {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut f = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
         let len = f.metadata()?.len();
         let mut buf = Vec::with_capacity(lines.iter().map(String::len).sum::<usize>() + 1);
         if len > 0 {
@@ -298,7 +302,10 @@ mod tests {
         std::fs::write(&p, "{\"id\":\"a\",\"status\":\"completed\",\"source\":{\"file\":\"f\",\"line\":1}}\n{\"id\":\"b\",\"sta").unwrap();
         RecordLog::append_locked(
             &p,
-            &["{\"id\":\"c\",\"status\":\"failed\",\"source\":{\"file\":\"f\",\"line\":3}}\n".into()],
+            &[
+                "{\"id\":\"c\",\"status\":\"failed\",\"source\":{\"file\":\"f\",\"line\":3}}\n"
+                    .into(),
+            ],
         )
         .unwrap();
         let mut ids = Vec::new();

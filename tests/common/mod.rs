@@ -101,7 +101,10 @@ impl Env {
         let section = |base: &[(&str, String)], extra: &str| -> String {
             let mut out = String::new();
             for (k, v) in base {
-                if !extra.lines().any(|l| l.trim_start().starts_with(&format!("{k} "))) {
+                if !extra
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{k} ")))
+                {
                     out.push_str(&format!("{k} = {v}\n"));
                 }
             }
@@ -121,7 +124,10 @@ impl Env {
             &[
                 (
                     "argv",
-                    format!("[\"{}\", \"{{output}}\", \"{{input_text}}\", \"{{id}}\"]", fake_engine().display()),
+                    format!(
+                        "[\"{}\", \"{{output}}\", \"{{input_text}}\", \"{{id}}\"]",
+                        fake_engine().display()
+                    ),
                 ),
                 ("timeout", "\"20s\"".into()),
                 ("kill_grace", "\"300ms\"".into()),
@@ -315,6 +321,10 @@ fn unsafe_kill(pid: i32, sig: i32) {
 }
 
 pub fn append(path: &Path, s: &str) {
-    let mut f = fs::OpenOptions::new().append(true).create(true).open(path).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap();
     f.write_all(s.as_bytes()).unwrap();
 }
