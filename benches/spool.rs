@@ -69,6 +69,7 @@ impl Spool {
         fs::rename(tmp, self.path(&format!("spool/pending/{name}"))).unwrap();
     }
     /// Runs `run --once`; returns wall time and peak RSS in KiB.
+    #[allow(clippy::zombie_processes)] // reaped by wait_rusage (wait4)
     fn run_once(&self) -> (Duration, u64) {
         let t = Instant::now();
         let child = Command::new(BIN)
