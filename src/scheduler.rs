@@ -35,6 +35,10 @@ pub struct Scheduler {
     slots: Vec<(Slot, bool)>,
     queue: VecDeque<Work>,
     writing: HashSet<PathBuf>,
+    /// The file the last started task came from: the next one comes from
+    /// another file when one is waiting, so a small file dropped behind a
+    /// big one's prefetched lines is not queued behind all of them.
+    last_file: String,
 }
 
 impl Scheduler {
@@ -43,6 +47,7 @@ impl Scheduler {
             slots: slots.into_iter().map(|s| (s, false)).collect(),
             queue: VecDeque::new(),
             writing: HashSet::new(),
+            last_file: String::new(),
         }
     }
 
@@ -70,11 +75,14 @@ impl Scheduler {
     /// The next work and a free slot for it, marking both taken.
     pub fn next_ready(&mut self) -> Option<(Slot, Work)> {
         let free = self.slots.iter().position(|(_, b)| !*b)?;
+        let runnable = |w: &Work| !self.writing.contains(&w.job.output);
         let i = self
             .queue
             .iter()
-            .position(|w| !self.writing.contains(&w.job.output))?;
+            .position(|w| runnable(w) && w.claim.file != self.last_file)
+            .or_else(|| self.queue.iter().position(runnable))?;
         let w = self.queue.remove(i)?;
+        self.last_file.clone_from(&w.claim.file);
         self.writing.insert(w.job.output.clone());
         self.slots[free].1 = true;
         Some((self.slots[free].0.clone(), w))
@@ -102,6 +110,57 @@ pub fn backoff(base: Duration, attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::Task;
+
+    fn work(file: &str, name: &str) -> Work {
+        Work {
+            claim: ClaimRef {
+                lease: PathBuf::new(),
+                token: String::new(),
+                file: file.into(),
+                file_id: String::new(),
+                line: 1,
+            },
+            job: Job {
+                task: Task {
+                    id: name.into(),
+                    input_text: "x".into(),
+                    output_name: name.into(),
+                    prompt_audio: None,
+                    prompt_text: None,
+                    callback_url: None,
+                    metadata: None,
+                },
+                output: PathBuf::from(format!("/out/{name}.wav")),
+                prompt_audio: None,
+                trace_id: String::new(),
+            },
+            claimed_at: String::new(),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn files_take_turns_and_one_output_is_written_once_at_a_time() {
+        let slot = |i| Slot {
+            index: i,
+            device: None,
+        };
+        let mut s = Scheduler::new(vec![slot(0), slot(1)]);
+        for i in 0..5 {
+            s.push(work("big", &format!("b{i}")));
+        }
+        s.push(work("small", "urgent"));
+        s.push(work("small", "b0")); // same output as the first big task
+        let (s0, first) = s.next_ready().unwrap();
+        assert_eq!(first.job.task.id, "b0");
+        let (_, second) = s.next_ready().unwrap();
+        assert_eq!(second.job.task.id, "urgent", "the small file goes next");
+        assert!(s.next_ready().is_none(), "no free slot");
+        s.finish(&s0, &first.job.output);
+        let (_, third) = s.next_ready().unwrap();
+        assert_eq!(third.job.task.id, "b1");
+    }
 
     #[test]
     fn backoff_doubles() {

@@ -183,7 +183,7 @@ mod tests {
         assert!(matches!(r.next(false).unwrap(), Next::Line(l) if l.is_blank() && l.no() == 2));
         assert_eq!(text(r.next(false).unwrap()), b"b");
         assert_eq!(r.next(false).unwrap(), Next::Partial);
-        assert_eq!(r.position(), 8);
+        assert_eq!(r.position(), 9);
         assert_eq!(text(r.next(true).unwrap()), b"c");
         assert_eq!(r.next(true).unwrap(), Next::Eof);
     }
