@@ -351,7 +351,9 @@ impl Daemon {
         let target = self.sched.slot_count() * per_slot;
         let have = self.sched.queued() + self.sched.busy();
         let want = target.saturating_sub(have).max(self.burst);
-        let low = have <= target / 2 || self.burst > 0;
+        // Backpressure: records waiting for the disk bound what is claimed,
+        // so a fast backlog (all skips) cannot pile up in memory.
+        let low = (have <= target / 2 || self.burst > 0) && self.uncommitted < 2 * MAX_BURST;
         if self.dirty && !self.claiming && want > 0 && low {
             self.dirty = false;
             self.claiming = true;
