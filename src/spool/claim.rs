@@ -819,3 +819,122 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
     }
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    fn claimer(spool: &Spool, name: &str) -> Claimer {
+        Claimer::open(
+            spool,
+            name,
+            1 << 20,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Whatever the interleaving of claims by several daemons, the sizes
+        /// they ask for, and producers appending lines meanwhile: every
+        /// non-blank line is claimed exactly once.
+        #[test]
+        fn every_line_is_claimed_exactly_once(
+            steps in proptest::collection::vec((0usize..3, 1usize..6, 0usize..4, any::<bool>()), 1..60)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let spool = Spool::new(dir.path());
+            let mut cs: Vec<Claimer> = ["a", "b", "c"].iter().map(|n| claimer(&spool, n)).collect();
+            let mut written = 0u64;
+            let mut seen: HashMap<(String, u64), usize> = HashMap::new();
+            for (who, want, append, second_file) in steps {
+                let name = if second_file { "two.jsonl" } else { "one.jsonl" };
+                let mut f = OpenOptions::new().create(true).append(true)
+                    .open(spool.pending().join(name)).unwrap();
+                for _ in 0..append {
+                    written += 1;
+                    // Every third line blank: it needs no claim.
+                    if written % 3 == 0 { writeln!(f, "  ").unwrap(); } else { writeln!(f, "{{\"n\":{written}}}").unwrap(); }
+                }
+                let b = cs[who].claim(want).unwrap();
+                prop_assert!(b.lines.len() <= want);
+                for l in b.lines {
+                    *seen.entry((l.file.clone(), l.no)).or_default() += 1;
+                }
+            }
+            // Drain what is left.
+            loop {
+                let b = cs[0].claim(100).unwrap();
+                if b.lines.is_empty() { break; }
+                for l in b.lines { *seen.entry((l.file.clone(), l.no)).or_default() += 1; }
+            }
+            prop_assert!(seen.values().all(|&n| n == 1), "a line was claimed twice: {seen:?}");
+            let mut expected = 0;
+            for name in ["one.jsonl", "two.jsonl"] {
+                if let Ok(text) = fs::read_to_string(spool.pending().join(name)) {
+                    expected += text.lines().filter(|l| !l.trim().is_empty()).count();
+                }
+            }
+            prop_assert_eq!(seen.len(), expected);
+        }
+    }
+
+    #[test]
+    fn a_lease_the_cursor_missed_is_not_claimed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        let mut a = claimer(&spool, "a");
+        fs::write(
+            spool.pending().join("f.jsonl"),
+            "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n",
+        )
+        .unwrap();
+        let b = a.claim(2).unwrap();
+        assert_eq!(b.lines.len(), 2);
+        // Simulate a crash between creating the lease and moving the cursor.
+        let key_dir = b.leases[0].path.parent().unwrap().to_path_buf();
+        fs::remove_file(key_dir.join("cursor")).unwrap();
+        let mut c = claimer(&spool, "c");
+        let again = c.claim(5).unwrap();
+        assert!(again.lines.is_empty(), "claimed lines a lease covers");
+        let rest = c.claim(5).unwrap();
+        assert_eq!(rest.lines.iter().map(|l| l.no).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn takeover_skips_lines_that_already_have_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        fs::write(spool.pending().join("f.jsonl"), "{\"n\":1}\n{\"n\":2}\n").unwrap();
+        let lease_path;
+        let file_id;
+        {
+            let mut a = claimer(&spool, "a");
+            let b = a.claim(5).unwrap();
+            assert_eq!(b.lines.len(), 2);
+            lease_path = b.leases[0].path.clone();
+            file_id = b.lines[0].file_id.clone();
+            // Line 1 got its record, then "a" died before deleting the lease.
+            let rec = format!(
+                "{{\"id\":\"x\",\"status\":\"completed\",\"source\":{{\"file\":\"f.jsonl\",\"line\":1}},\"file_id\":\"{file_id}\"}}\n"
+            );
+            fs::write(spool.done_log(), rec).unwrap();
+        }
+        // "a" restarts: its own lease is taken over at once.
+        let mut a2 = claimer(&spool, "a");
+        let taken = a2.take_over().unwrap();
+        assert_eq!(taken.len(), 1);
+        let lines: Vec<u64> = taken[0].1.iter().map(|c| c.no).collect();
+        assert_eq!(lines, [2]);
+        assert_eq!(taken[0].0.path, lease_path);
+        // Another daemon does not take a live daemon's lease.
+        let mut b = claimer(&spool, "b");
+        assert!(b.take_over().unwrap().is_empty());
+    }
+}
