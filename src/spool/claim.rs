@@ -859,7 +859,7 @@ mod tests {
                 for _ in 0..append {
                     written += 1;
                     // Every third line blank: it needs no claim.
-                    if written % 3 == 0 { writeln!(f, "  ").unwrap(); } else { writeln!(f, "{{\"n\":{written}}}").unwrap(); }
+                    if written.is_multiple_of(3) { writeln!(f, "  ").unwrap(); } else { writeln!(f, "{{\"n\":{written}}}").unwrap(); }
                 }
                 let b = cs[who].claim(want).unwrap();
                 prop_assert!(b.lines.len() <= want);
