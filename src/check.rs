@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use crate::config::{Config, EngineKind};
 use crate::submit::validate_file;
 
 /// Finds an executable by name in `$PATH`, or checks a path.
@@ -50,13 +50,30 @@ fn writable(dir: &Path) -> Result<(), String> {
 
 pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
     let mut problems = Vec::new();
-    let prog = &cfg.engine.argv[0];
-    match find_executable(prog) {
-        Some(p) => println!("ok: engine {}", p.display()),
-        None => problems.push(format!(
-            "{}: engine.argv: {prog:?} not found or not executable (install it, or fix engine.argv)",
-            cfg.path.display()
-        )),
+    let at = |key: &str, msg: String| format!("{}: {key}: {msg}", cfg.path.display());
+    match cfg.engine.kind {
+        EngineKind::Command => {
+            let prog = &cfg.engine.argv[0];
+            match find_executable(prog) {
+                Some(p) => println!("ok: engine {}", p.display()),
+                None => problems.push(at(
+                    "engine.argv",
+                    format!(
+                        "{prog:?} not found or not executable (install it, or fix engine.argv)"
+                    ),
+                )),
+            }
+        }
+        EngineKind::Glmtts => problems.extend(check_glmtts(cfg)),
+    }
+    if cfg.gpu.min_free_mib.is_some() {
+        match find_executable("nvidia-smi") {
+            Some(p) => println!("ok: nvidia-smi {}", p.display()),
+            None => problems.push(at(
+                "gpu.min_free_mib",
+                "is set but nvidia-smi is not in $PATH (install the NVIDIA driver tools, or remove the key)".into(),
+            )),
+        }
     }
     for (key, dir) in [
         ("spool.dir", &cfg.spool.dir),
@@ -67,7 +84,8 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
             Err(e) => problems.push(format!("{}: {key}: {e}", cfg.path.display())),
         }
     }
-    let uses_voices = cfg.engine.argv.iter().any(|a| a.contains("{prompt_audio}"));
+    let uses_voices = cfg.engine.kind == EngineKind::Glmtts
+        || cfg.engine.argv.iter().any(|a| a.contains("{prompt_audio}"));
     if !cfg.engine.voices_dir.is_dir() {
         let msg = format!(
             "{}: engine.voices_dir: {} is not a folder",
@@ -104,4 +122,65 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
         eprintln!("ttspool: {} problem(s) found", problems.len());
         Ok(1)
     }
+}
+
+/// A GLM-TTS checkout: the script, its checkpoints, a writable `examples/`,
+/// and a Python that runs.
+fn check_glmtts(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let at = |key: &str, msg: String| format!("{}: {key}: {msg}", cfg.path.display());
+    let root = cfg.engine.root.clone().unwrap_or_default();
+    let script = root.join("glmtts_inference.py");
+    if script.is_file() {
+        println!("ok: engine {}", script.display());
+    } else {
+        problems.push(at(
+            "engine.root",
+            format!(
+                "{} has no glmtts_inference.py (point it at a zai-org/GLM-TTS checkout)",
+                root.display()
+            ),
+        ));
+        return problems;
+    }
+    if !root.join("ckpt").is_dir() {
+        problems.push(at(
+            "engine.root",
+            format!(
+                "{} has no ckpt/ folder: download the model checkpoints into it",
+                root.display()
+            ),
+        ));
+    }
+    match writable(&root.join("examples")) {
+        Ok(()) => println!("ok: {}/examples is writable", root.display()),
+        Err(e) => problems.push(at("engine.root", e)),
+    }
+    let py = &cfg.engine.python;
+    match std::process::Command::new(py)
+        .arg("--version")
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let v = String::from_utf8_lossy(if o.stdout.is_empty() {
+                &o.stderr
+            } else {
+                &o.stdout
+            })
+            .trim()
+            .to_string();
+            println!("ok: engine.python {py} ({v})");
+        }
+        Ok(o) => problems.push(at(
+            "engine.python",
+            format!("{py} --version exited with {}", o.status),
+        )),
+        Err(e) => problems.push(at(
+            "engine.python",
+            format!("{py} cannot run: {}", crate::util::io_msg(&e)),
+        )),
+    }
+    problems
 }

@@ -126,6 +126,8 @@ pub struct OutputConfig {
 pub enum EngineKind {
     /// One child per task, `engine.argv` with placeholders, no shell.
     Command,
+    /// zai-org/GLM-TTS `glmtts_inference.py`, several tasks per child.
+    Glmtts,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +148,31 @@ pub struct EngineConfig {
     /// Between SIGTERM and SIGKILL.
     #[serde(default = "default_kill_grace")]
     pub kill_grace: Dur,
+    /// glmtts: the GLM-TTS checkout (holds `glmtts_inference.py`, `ckpt/`,
+    /// `examples/`); the child's working directory.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// glmtts: the Python interpreter (of the checkout's virtualenv).
+    #[serde(default = "default_python")]
+    pub python: String,
+    /// glmtts: `--exp_name`; outputs go to `outputs/pretrain<exp_name>/`.
+    #[serde(default = "default_exp_name")]
+    pub exp_name: String,
+    /// glmtts: `--sample_rate`, 24000 or 32000.
+    #[serde(default = "default_sample_rate")]
+    pub sample_rate: u32,
+    /// glmtts: pass `--use_phoneme`.
+    #[serde(default)]
+    pub use_phoneme: bool,
+    /// glmtts: tasks per child at most.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// glmtts: how long a batch may wait for more tasks before it starts.
+    #[serde(default = "default_batch_wait")]
+    pub batch_wait: Dur,
+    /// glmtts: model load allowance, added to `timeout` × tasks for a batch's deadline.
+    #[serde(default = "default_load_timeout")]
+    pub load_timeout: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +187,10 @@ pub struct GpuConfig {
     /// Children at once when `devices` is empty.
     #[serde(default = "default_max_parallel")]
     pub max_parallel: usize,
+    /// Before a batch starts on a device, wait until `nvidia-smi` reports at
+    /// least this much free memory there (unset: do not ask).
+    #[serde(default)]
+    pub min_free_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +257,24 @@ fn default_timeout() -> Dur {
 }
 fn default_kill_grace() -> Dur {
     Dur(Duration::from_secs(10))
+}
+fn default_python() -> String {
+    "python3".into()
+}
+fn default_exp_name() -> String {
+    "_ttspool".into()
+}
+fn default_sample_rate() -> u32 {
+    24000
+}
+fn default_batch_max() -> usize {
+    16
+}
+fn default_batch_wait() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn default_load_timeout() -> Dur {
+    Dur(Duration::from_secs(300))
 }
 fn default_slots_per_device() -> usize {
     1
@@ -313,6 +362,12 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(root) = cfg.engine.root.as_mut().filter(|r| r.is_relative()) {
+            *root = base.join(&*root);
+        }
+        if cfg.engine.python.contains('/') && Path::new(&cfg.engine.python).is_relative() {
+            cfg.engine.python = base.join(&cfg.engine.python).to_string_lossy().into_owned();
+        }
         if cfg.spool.instance.is_empty() {
             cfg.spool.instance = default_instance();
         }
@@ -326,17 +381,42 @@ impl Config {
             key,
             message: message.to_string(),
         };
-        if self.engine.argv.is_empty() {
-            return Err(bad(
-                "engine.argv",
-                "must name a command, e.g. [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]",
-            ));
-        }
-        if !self.engine.argv.iter().any(|a| a.contains("{output}")) {
-            return Err(bad(
-                "engine.argv",
-                "must contain {output}: the engine writes the WAV there",
-            ));
+        match self.engine.kind {
+            EngineKind::Command => {
+                if self.engine.argv.is_empty() {
+                    return Err(bad(
+                        "engine.argv",
+                        "must name a command, e.g. [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]",
+                    ));
+                }
+                if !self.engine.argv.iter().any(|a| a.contains("{output}")) {
+                    return Err(bad(
+                        "engine.argv",
+                        "must contain {output}: the engine writes the WAV there",
+                    ));
+                }
+            }
+            EngineKind::Glmtts => {
+                if self.engine.root.is_none() {
+                    return Err(bad(
+                        "engine.root",
+                        "is required with kind = \"glmtts\": the GLM-TTS checkout that holds glmtts_inference.py",
+                    ));
+                }
+                if !matches!(self.engine.sample_rate, 24000 | 32000) {
+                    return Err(bad("engine.sample_rate", "must be 24000 or 32000"));
+                }
+                if self.engine.batch_max == 0 {
+                    return Err(bad("engine.batch_max", "must be at least 1"));
+                }
+                let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+                if self.engine.exp_name.is_empty() || !self.engine.exp_name.chars().all(ok) {
+                    return Err(bad(
+                        "engine.exp_name",
+                        "must be letters, digits, _ - . (it names a folder)",
+                    ));
+                }
+            }
         }
         if self.gpu.devices.is_empty() && self.gpu.max_parallel == 0 {
             return Err(bad("gpu.max_parallel", "must be at least 1"));
@@ -466,6 +546,25 @@ mod tests {
     fn gpu_slots() {
         let c = parse("[gpu]\ndevices = [\"0\", \"1\"]\nslots_per_device = 2\n").unwrap();
         assert_eq!(c.slot_count(), 4);
+    }
+
+    #[test]
+    fn glmtts_needs_a_root_and_a_known_rate() {
+        let e = parse("[engine]\nkind = \"glmtts\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("engine.root"), "{e}");
+        let e = parse("[engine]\nkind = \"glmtts\"\nroot = \"g\"\nsample_rate = 16000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("engine.sample_rate"), "{e}");
+        let c = parse("[engine]\nkind = \"glmtts\"\nroot = \"GLM-TTS\"\n").unwrap();
+        assert_eq!(
+            c.engine.root.unwrap(),
+            PathBuf::from("/etc/ttspool/GLM-TTS")
+        );
+        assert_eq!(c.engine.batch_max, 16);
+        assert_eq!(c.engine.batch_wait.0, Duration::from_secs(2));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::engine::{self, Engine, Job, Outcome, Slot};
-use crate::scheduler::{backoff, ClaimRef, Scheduler, Work};
+use crate::scheduler::{backoff, ClaimRef, Next, Scheduler, Work};
 use crate::spool::claim::{self, Batch, ClaimError, Claimed, Claimer, Held, HeldSet};
 use crate::spool::lines::{Line, RAW_KEEP};
 use crate::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
@@ -66,11 +66,11 @@ enum Event {
     TakenOver(Result<Vec<(Held, Vec<Claimed>)>, ClaimError>),
     Finished {
         slot: Slot,
-        work: Work,
-        outcome: Outcome,
+        works: Vec<Work>,
+        outcomes: Vec<Outcome>,
         started_at: String,
     },
-    RetryDue(Work),
+    RetryDue(Box<Work>),
     /// Records now durable (`true`) or dropped because the lease was taken
     /// over by another daemon (`false`).
     Committed(Vec<(Record, PathBuf, u64, bool)>),
@@ -102,6 +102,8 @@ pub struct Daemon {
     burst: usize,
     /// Moving average of engine run time, for how far ahead to claim.
     avg_run_ms: u64,
+    /// When a timer will next wake the loop for a waiting batch.
+    wake: Option<std::time::Instant>,
     taking_over: bool,
     recovered: bool,
     last_claim_empty: bool,
@@ -176,6 +178,7 @@ pub async fn run(
         claiming: false,
         burst: 0,
         avg_run_ms: 1000,
+        wake: None,
         taking_over: false,
         recovered: false,
         last_claim_empty: false,
@@ -243,18 +246,26 @@ impl Daemon {
             }
             Event::Finished {
                 slot,
-                work,
-                outcome,
+                works,
+                outcomes,
                 started_at,
             } => {
-                self.sched.finish(&slot, &work.job.output);
+                self.sched.finish(&slot, &works);
                 self.dirty = true;
-                self.finished(slot, work, outcome, started_at);
+                let n = works.len();
+                let mut again = Vec::new();
+                for (work, outcome) in works.into_iter().zip(outcomes) {
+                    again.extend(self.finished(&slot, n, work, outcome, started_at.clone()));
+                }
+                // Split batches go first, in their order.
+                for w in again.into_iter().rev() {
+                    self.sched.push_front(w);
+                }
             }
             Event::RetryDue(w) => {
                 self.retries -= 1;
                 if self.stopping == 0 {
-                    self.sched.push_front(w);
+                    self.sched.push_front(*w);
                 }
             }
             Event::Committed(list) => {
@@ -336,18 +347,39 @@ impl Daemon {
             }
             return;
         }
-        while let Some((slot, work)) = self.sched.next_ready() {
-            if work.job.output.exists() {
-                self.sched.finish(&slot, &work.job.output);
-                self.skip(work);
-                continue;
+        // A batch waits for more tasks only while more may come.
+        let hold = (self.engine.batch_max() > 1 && (self.claiming || !self.last_claim_empty))
+            .then_some(self.cfg.engine.batch_wait.0);
+        loop {
+            match self.sched.next_batch(self.engine.batch_max(), hold) {
+                Next::Start(slot, works) => {
+                    let mut run = Vec::with_capacity(works.len());
+                    for w in works {
+                        if w.job.output.exists() {
+                            self.sched.release_output(&w.job.output);
+                            self.skip(w);
+                        } else {
+                            run.push(w);
+                        }
+                    }
+                    if run.is_empty() {
+                        self.sched.free_slot(&slot);
+                    } else {
+                        self.start(slot, run);
+                    }
+                }
+                Next::WaitUntil(at) => {
+                    self.wake_at(at);
+                    break;
+                }
+                Next::Nothing => break,
             }
-            self.start(slot, work);
         }
         // Claim about a second of work ahead per slot (at least two tasks):
         // long TTS tasks stay spread over the daemons sharing the spool, and
         // millisecond tasks are not throttled by one claim per task.
-        let per_slot = (1000 / self.avg_run_ms.max(1)).clamp(2, 64) as usize;
+        let per_slot =
+            ((1000 / self.avg_run_ms.max(1)).clamp(2, 64) as usize).max(self.engine.batch_max());
         let target = self.sched.slot_count() * per_slot;
         let have = self.sched.queued() + self.sched.busy();
         let want = target.saturating_sub(have).max(self.burst);
@@ -513,6 +545,8 @@ impl Daemon {
             },
             claimed_at,
             attempts: 0,
+            cap: 0,
+            queued_at: std::time::Instant::now(),
         };
         if work.job.output.exists() {
             self.skip(work);
@@ -553,33 +587,71 @@ impl Daemon {
         );
     }
 
-    fn start(&mut self, slot: Slot, mut work: Work) {
-        work.attempts += 1;
+    /// Makes the loop look again at `at` (a batch's wait running out).
+    fn wake_at(&mut self, at: std::time::Instant) {
+        if self
+            .wake
+            .is_some_and(|w| w <= at && w > std::time::Instant::now())
+        {
+            return;
+        }
+        self.wake = Some(at);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let _ = tx.send(Event::Hint);
+        });
+    }
+
+    fn start(&mut self, slot: Slot, mut works: Vec<Work>) {
         let started_at = now_rfc3339();
-        info!(id = %work.job.task.id, trace_id = %work.job.trace_id, stage = "started", slot = slot.index, gpu = ?slot.device, attempt = work.attempts, "started");
+        for w in &mut works {
+            w.attempts += 1;
+            info!(id = %w.job.task.id, trace_id = %w.job.trace_id, stage = "started", slot = slot.index, gpu = ?slot.device, attempt = w.attempts, "started");
+        }
         let engine = self.engine.clone();
         let tx = self.tx.clone();
         let cancel = self.cancel.subscribe();
         tokio::spawn(async move {
-            let mut outcomes = engine
-                .run_batch(std::slice::from_ref(&work.job), &slot, cancel)
-                .await;
-            let outcome = outcomes.pop().unwrap_or(Outcome::Cancelled);
+            let jobs: Vec<Job> = works.iter().map(|w| w.job.clone()).collect();
+            let mut outcomes = engine.run_batch(&jobs, &slot, cancel).await;
+            outcomes.resize(works.len(), Outcome::Cancelled);
             let _ = tx.send(Event::Finished {
                 slot,
-                work,
-                outcome,
+                works,
+                outcomes,
                 started_at,
             });
         });
     }
 
-    fn finished(&mut self, slot: Slot, work: Work, outcome: Outcome, started_at: String) {
+    /// One task of a batch of `batch_len` ended. Returns it if it is to run
+    /// again at once (its batch failed as a whole).
+    fn finished(
+        &mut self,
+        slot: &Slot,
+        batch_len: usize,
+        mut work: Work,
+        outcome: Outcome,
+        started_at: String,
+    ) -> Option<Work> {
         let id = work.job.task.id.clone();
         let trace = work.job.trace_id.clone();
         match outcome {
             Outcome::Cancelled => {
                 info!(id = %id, trace_id = %trace, "stopped by shutdown; handed back");
+            }
+            Outcome::Split {
+                retry_batch,
+                message,
+            } => {
+                // The batch failed as a whole: not this task's attempt.
+                work.attempts -= 1;
+                work.cap = retry_batch;
+                if self.stopping == 0 {
+                    warn!(id = %id, trace_id = %trace, stage = "retrying", batch = batch_len, retry_batch, "{message}; retrying in a smaller batch");
+                    return Some(work);
+                }
             }
             Outcome::Completed { run_ms } => {
                 self.avg_run_ms = (self.avg_run_ms * 7 + run_ms) / 8;
@@ -592,7 +664,7 @@ impl Daemon {
                         output: work.job.output,
                         attempts: work.attempts,
                         engine: self.engine.name().to_string(),
-                        gpu: slot.device,
+                        gpu: slot.device.clone(),
                         claimed_at: work.claimed_at,
                         started_at: Some(started_at),
                         run_ms,
@@ -610,22 +682,27 @@ impl Daemon {
                     && work.attempts < self.cfg.retry.max_attempts
                     && self.stopping == 0
                 {
+                    if batch_len > 1 {
+                        // Failed inside a batch: next time alone, so one bad
+                        // line cannot sink its neighbours twice.
+                        work.cap = 1;
+                    }
                     let wait = backoff(self.cfg.retry.backoff.0, work.attempts);
                     warn!(id = %id, trace_id = %trace, stage = "retrying", kind = kind.as_str(), attempt = work.attempts, wait = %humantime::format_duration(wait), "{message}");
                     self.retries += 1;
                     let tx = self.tx.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(wait).await;
-                        let _ = tx.send(Event::RetryDue(work));
+                        let _ = tx.send(Event::RetryDue(Box::new(work)));
                     });
-                    return;
+                    return None;
                 }
                 if kind.retryable()
                     && self.stopping > 0
                     && work.attempts < self.cfg.retry.max_attempts
                 {
                     info!(id = %id, trace_id = %trace, "failed during shutdown; handed back for a retry");
-                    return;
+                    return None;
                 }
                 let common = self.common(&work.claim, id, trace);
                 self.commit(
@@ -641,7 +718,8 @@ impl Daemon {
                     },
                 );
             }
-        }
+        };
+        None
     }
 
     /// The one place a task is finished: its record goes to the committer.

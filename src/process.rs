@@ -94,6 +94,8 @@ pub struct ChildSpec {
     pub cwd: Option<PathBuf>,
     pub timeout: Duration,
     pub kill_grace: Duration,
+    /// Bytes of stderr to keep (the end of it).
+    pub tail_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -168,8 +170,9 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let mut err = child.stderr.take().expect("piped");
+    let tail_bytes = spec.tail_bytes;
     let drain_err = tokio::spawn(async move {
-        let mut tail = Tail::new(TAIL_BYTES);
+        let mut tail = Tail::new(tail_bytes);
         let mut buf = [0u8; 8192];
         while let Ok(n) = err.read(&mut buf).await {
             if n == 0 {

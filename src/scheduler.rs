@@ -7,7 +7,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::engine::{Job, Slot};
 
@@ -29,6 +29,21 @@ pub struct Work {
     pub claimed_at: String,
     /// Engine runs so far.
     pub attempts: u32,
+    /// Largest batch this task may run in (0: the engine's `batch_max`); 1
+    /// after it failed inside a batch, halved after its batch crashed.
+    pub cap: usize,
+    /// When it entered the queue (a batch waits for more at most `batch_wait`).
+    pub queued_at: Instant,
+}
+
+/// What the scheduler can start now.
+pub enum Next {
+    /// Run these on this slot.
+    Start(Slot, Vec<Work>),
+    /// A batch could start now but is waiting to fill until then.
+    WaitUntil(Instant),
+    /// No free slot or nothing runnable.
+    Nothing,
 }
 
 pub struct Scheduler {
@@ -72,20 +87,76 @@ impl Scheduler {
         self.queue.push_front(w);
     }
 
-    /// The next work and a free slot for it, marking both taken.
-    pub fn next_ready(&mut self) -> Option<(Slot, Work)> {
-        let free = self.slots.iter().position(|(_, b)| !*b)?;
+    /// The next batch and a free slot for it, marking both taken: at most
+    /// `max` tasks, none of whose caps it exceeds, the first from another
+    /// file than last time. With `hold`, a batch that is not full waits
+    /// until its oldest task has been queued that long.
+    pub fn next_batch(&mut self, max: usize, hold: Option<Duration>) -> Next {
+        let Some(free) = self.slots.iter().position(|(_, b)| !*b) else {
+            return Next::Nothing;
+        };
         let runnable = |w: &Work| !self.writing.contains(&w.job.output);
-        let i = self
+        let Some(first) = self
             .queue
             .iter()
             .position(|w| runnable(w) && w.claim.file != self.last_file)
-            .or_else(|| self.queue.iter().position(runnable))?;
-        let w = self.queue.remove(i)?;
-        self.last_file.clone_from(&w.claim.file);
-        self.writing.insert(w.job.output.clone());
+            .or_else(|| self.queue.iter().position(runnable))
+        else {
+            return Next::Nothing;
+        };
+        let cap_of = |w: &Work| if w.cap == 0 { max } else { w.cap.min(max) };
+        let mut limit = cap_of(&self.queue[first]).max(1);
+        let mut picked = vec![first];
+        let mut outputs: HashSet<&PathBuf> = HashSet::from([&self.queue[first].job.output]);
+        if limit > 1 {
+            for (i, w) in self.queue.iter().enumerate() {
+                if picked.len() >= limit {
+                    break;
+                }
+                if i == first || !runnable(w) || cap_of(w) < 2 || outputs.contains(&w.job.output) {
+                    continue;
+                }
+                limit = limit.min(cap_of(w));
+                if picked.len() < limit {
+                    picked.push(i);
+                    outputs.insert(&w.job.output);
+                }
+            }
+        }
+        if let Some(hold) = hold {
+            let oldest = picked
+                .iter()
+                .map(|&i| self.queue[i].queued_at)
+                .min()
+                .expect("one picked");
+            if picked.len() < limit && oldest.elapsed() < hold {
+                return Next::WaitUntil(oldest + hold);
+            }
+        }
+        picked.sort_unstable();
+        let mut works = Vec::with_capacity(picked.len());
+        for &i in picked.iter().rev() {
+            works.push(self.queue.remove(i).expect("index in queue"));
+        }
+        works.reverse();
+        for w in &works {
+            self.writing.insert(w.job.output.clone());
+        }
+        self.last_file.clone_from(&works[0].claim.file);
         self.slots[free].1 = true;
-        Some((self.slots[free].0.clone(), w))
+        Next::Start(self.slots[free].0.clone(), works)
+    }
+
+    /// The output of a task that will not run after all (skipped).
+    pub fn release_output(&mut self, output: &PathBuf) {
+        self.writing.remove(output);
+    }
+
+    /// A slot whose batch turned out empty.
+    pub fn free_slot(&mut self, slot: &Slot) {
+        if let Some(s) = self.slots.iter_mut().find(|(s, _)| s == slot) {
+            s.1 = false;
+        }
     }
 
     /// Pops queued work without a slot (for skips and hand-backs).
@@ -93,11 +164,12 @@ impl Scheduler {
         self.queue.drain(..).collect()
     }
 
-    pub fn finish(&mut self, slot: &Slot, output: &PathBuf) {
-        if let Some(s) = self.slots.iter_mut().find(|(s, _)| s == slot) {
-            s.1 = false;
+    /// A batch ended: its slot is free and its outputs may be written again.
+    pub fn finish(&mut self, slot: &Slot, works: &[Work]) {
+        self.free_slot(slot);
+        for w in works {
+            self.writing.remove(&w.job.output);
         }
-        self.writing.remove(output);
     }
 }
 
@@ -137,7 +209,53 @@ mod tests {
             },
             claimed_at: String::new(),
             attempts: 0,
+            cap: 0,
+            queued_at: Instant::now(),
         }
+    }
+
+    fn start(s: &mut Scheduler, max: usize) -> (Slot, Vec<Work>) {
+        match s.next_batch(max, None) {
+            Next::Start(slot, w) => (slot, w),
+            _ => panic!("nothing started"),
+        }
+    }
+
+    fn ids(w: &[Work]) -> Vec<&str> {
+        w.iter().map(|w| w.job.task.id.as_str()).collect()
+    }
+
+    #[test]
+    fn batches_respect_caps_outputs_and_the_wait() {
+        let mut s = Scheduler::new(vec![
+            Slot {
+                index: 0,
+                device: Some("0".into()),
+            },
+            Slot {
+                index: 1,
+                device: Some("1".into()),
+            },
+        ]);
+        for i in 0..5 {
+            s.push(work("f", &format!("a{i}")));
+        }
+        // Not full and young: wait.
+        assert!(matches!(
+            s.next_batch(8, Some(Duration::from_secs(60))),
+            Next::WaitUntil(_)
+        ));
+        let (_, b) = start(&mut s, 4);
+        assert_eq!(ids(&b), ["a0", "a1", "a2", "a3"]);
+        let mut solo = work("f", "solo");
+        solo.cap = 1;
+        s.push_front(solo);
+        let (_, b) = start(&mut s, 4);
+        assert_eq!(ids(&b), ["solo"], "a capped task runs alone");
+        assert!(
+            matches!(s.next_batch(4, None), Next::Nothing),
+            "both slots busy"
+        );
     }
 
     #[test]
@@ -152,14 +270,17 @@ mod tests {
         }
         s.push(work("small", "urgent"));
         s.push(work("small", "b0")); // same output as the first big task
-        let (s0, first) = s.next_ready().unwrap();
-        assert_eq!(first.job.task.id, "b0");
-        let (_, second) = s.next_ready().unwrap();
-        assert_eq!(second.job.task.id, "urgent", "the small file goes next");
-        assert!(s.next_ready().is_none(), "no free slot");
-        s.finish(&s0, &first.job.output);
-        let (_, third) = s.next_ready().unwrap();
-        assert_eq!(third.job.task.id, "b1");
+        let (s0, first) = start(&mut s, 1);
+        assert_eq!(ids(&first), ["b0"]);
+        let (_, second) = start(&mut s, 1);
+        assert_eq!(ids(&second), ["urgent"], "the small file goes next");
+        assert!(
+            matches!(s.next_batch(1, None), Next::Nothing),
+            "no free slot"
+        );
+        s.finish(&s0, &first);
+        let (_, third) = start(&mut s, 1);
+        assert_eq!(ids(&third), ["b1"]);
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub struct TaskRules {
 
 impl TaskRules {
     pub fn from_config(cfg: &crate::config::Config) -> TaskRules {
-        let uses = |p: &str| cfg.engine.argv.iter().any(|a| a.contains(p));
+        // GLM-TTS clones a voice: every task needs the clip and its transcript.
+        let glm = cfg.engine.kind == crate::config::EngineKind::Glmtts;
+        let uses = |p: &str| glm || cfg.engine.argv.iter().any(|a| a.contains(p));
         TaskRules {
             max_text_chars: cfg.limits.max_text_chars,
             voices_dir: cfg.engine.voices_dir.clone(),

@@ -109,6 +109,7 @@ impl CommandEngine {
             cwd: None,
             timeout: self.timeout,
             kill_grace: self.kill_grace,
+            tail_bytes: process::TAIL_BYTES,
         };
         let res = process::run(&spec, cancel).await;
         let run_ms = res.elapsed.as_millis() as u64;
@@ -209,12 +210,7 @@ pub fn finish_output(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String
             ))
         }
     }
-    let durable = (|| {
-        std::fs::File::open(tmp)?.sync_all()?;
-        std::fs::rename(tmp, output)?;
-        Ok::<(), std::io::Error>(())
-    })();
-    durable.map_err(|e| {
+    super::publish(tmp, output).map_err(|e| {
         (
             ErrorKind::SpawnFailed,
             format!("cannot move output to {}: {}", output.display(), io_msg(&e)),

@@ -4,6 +4,7 @@
 //! `command` engine simply runs one child per job.
 
 pub mod command;
+pub mod glmtts;
 
 use std::path::{Path, PathBuf};
 
@@ -67,18 +68,27 @@ pub enum Outcome {
         stderr_tail: String,
         run_ms: u64,
     },
+    /// The batch failed as a whole (crash, timeout or CUDA out of memory,
+    /// with no audio at all): run the task again in a batch of at most
+    /// `retry_batch`. Not a failure of the task, so no attempt is counted.
+    Split {
+        retry_batch: usize,
+        message: String,
+    },
     /// Stopped by shutdown: not a result, the task is handed back.
     Cancelled,
 }
 
 pub enum Engine {
     Command(command::CommandEngine),
+    Glmtts(glmtts::GlmttsEngine),
 }
 
 impl Engine {
     pub fn from_config(cfg: &Config) -> Engine {
         match cfg.engine.kind {
             EngineKind::Command => Engine::Command(command::CommandEngine::new(cfg)),
+            EngineKind::Glmtts => Engine::Glmtts(glmtts::GlmttsEngine::new(cfg)),
         }
     }
 
@@ -86,6 +96,7 @@ impl Engine {
     pub fn name(&self) -> &str {
         match self {
             Engine::Command(c) => c.name(),
+            Engine::Glmtts(_) => "glmtts",
         }
     }
 
@@ -93,6 +104,7 @@ impl Engine {
     pub fn batch_max(&self) -> usize {
         match self {
             Engine::Command(_) => 1,
+            Engine::Glmtts(g) => g.batch_max(),
         }
     }
 
@@ -111,6 +123,7 @@ impl Engine {
                 }
                 out
             }
+            Engine::Glmtts(g) => g.run(jobs, slot, cancel).await,
         }
     }
 }
@@ -129,4 +142,107 @@ pub fn is_wav(path: &Path) -> std::io::Result<bool> {
         n += r;
     }
     Ok(&head[0..4] == b"RIFF" && &head[8..12] == b"WAVE")
+}
+
+/// A WAV whose header agrees with its length: RIFF size + 8 is the file size
+/// and the `data` chunk lies inside the file. A writer killed mid-file (or
+/// one that never patched the header) fails this, so a truncated file from a
+/// killed run is never taken.
+pub fn is_complete_wav(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut head = [0u8; 12];
+    if len < 44 || f.read_exact(&mut head).is_err() {
+        return Ok(false);
+    }
+    if &head[0..4] != b"RIFF" || &head[8..12] != b"WAVE" {
+        return Ok(false);
+    }
+    let riff = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as u64;
+    if riff + 8 != len && riff + 9 != len {
+        return Ok(false);
+    }
+    // Walk the chunks to `data`.
+    let mut pos = 12u64;
+    let mut chunk = [0u8; 8];
+    let mut seen_fmt = false;
+    while pos + 8 <= len {
+        f.read_exact(&mut chunk)?;
+        let size = u32::from_le_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]) as u64;
+        if &chunk[0..4] == b"fmt " {
+            seen_fmt = true;
+        }
+        if &chunk[0..4] == b"data" {
+            return Ok(seen_fmt && size > 0 && pos + 8 + size <= len);
+        }
+        pos += 8 + size + (size & 1);
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(pos))?;
+    }
+    Ok(false)
+}
+
+/// Makes `src`'s bytes durable and moves it onto `dst` (same folder or not;
+/// across file systems: copy to a hidden temp next to `dst`, fsync, rename).
+/// The folder fsync that makes the rename durable is the record committer's.
+pub fn publish(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::File::open(src)?.sync_all()?;
+    if let Some(d) = dst.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    match std::fs::rename(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let dir = dst.parent().unwrap_or(Path::new("."));
+            let stem = dst.file_stem().unwrap_or_default().to_string_lossy();
+            let tmp = dir.join(format!(".{stem}.{}.tmp.wav", ulid::Ulid::new()));
+            let res = (|| {
+                std::fs::copy(src, &tmp)?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, dst)
+            })();
+            if res.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            } else {
+                let _ = std::fs::remove_file(src);
+            }
+            res
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wav(data: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(b"RIFF");
+        v.extend_from_slice(&(36 + data as u32).to_le_bytes());
+        v.extend_from_slice(b"WAVEfmt ");
+        v.extend_from_slice(&16u32.to_le_bytes());
+        v.extend_from_slice(&[1, 0, 1, 0, 0x80, 0x3e, 0, 0, 0, 0x7d, 0, 0, 2, 0, 16, 0]);
+        v.extend_from_slice(b"data");
+        v.extend_from_slice(&(data as u32).to_le_bytes());
+        v.extend(std::iter::repeat_n(0u8, data));
+        v
+    }
+
+    #[test]
+    fn complete_and_truncated_wavs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.wav");
+        std::fs::write(&p, wav(100)).unwrap();
+        assert!(is_complete_wav(&p).unwrap());
+        let mut cut = wav(100);
+        cut.truncate(90);
+        std::fs::write(&p, &cut).unwrap();
+        assert!(!is_complete_wav(&p).unwrap(), "truncated");
+        assert!(is_wav(&p).unwrap(), "the loose check still passes");
+        std::fs::write(&p, wav(0)).unwrap();
+        assert!(!is_complete_wav(&p).unwrap(), "no audio");
+        std::fs::write(&p, b"RIFF....WAVE").unwrap();
+        assert!(!is_complete_wav(&p).unwrap());
+    }
 }

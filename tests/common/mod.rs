@@ -63,6 +63,8 @@ pub struct Env {
     pub engine_extra: String,
     /// Whole tables appended ([gpu], [limits], [shutdown], ...).
     pub extra: String,
+    /// Environment for the daemon (and so its engines).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Env {
@@ -74,6 +76,7 @@ impl Env {
             spool_extra: String::new(),
             engine_extra: String::new(),
             extra: extra.to_string(),
+            vars: Vec::new(),
         };
         fs::create_dir_all(e.root().join("voices")).unwrap();
         fs::create_dir_all(e.root().join("spool/pending")).unwrap();
@@ -134,8 +137,13 @@ impl Env {
             ],
             &self.engine_extra,
         );
+        let retry = if self.extra.contains("[retry]") {
+            ""
+        } else {
+            "[retry]\nmax_attempts = 2\nbackoff = \"100ms\"\n"
+        };
         format!(
-            "[spool]\n{spool}\n[output]\ndir = \"out\"\n\n[engine]\n{engine}\n[retry]\nmax_attempts = 2\nbackoff = \"100ms\"\n\n{}\n",
+            "[spool]\n{spool}\n[output]\ndir = \"out\"\n\n[engine]\n{engine}\n{retry}\n{}\n",
             self.extra
         )
     }
@@ -169,7 +177,9 @@ impl Env {
         c.arg("-c").arg(config).args(args);
         c.env("FAKE_LOG", self.log())
             .env("FAKE_WAV", self.root().join("tiny.wav"))
+            .env("FAKE_GLM_LOG", self.root().join("glm.log"))
             .env("TTSPOOL_LOG", "info")
+            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(self.root());
         c
     }
@@ -327,4 +337,34 @@ pub fn append(path: &Path, s: &str) {
         .open(path)
         .unwrap();
     f.write_all(s.as_bytes()).unwrap();
+}
+
+/// A fake GLM-TTS checkout in the env (script, ckpt/, examples/), and the
+/// [engine] lines that point at it.
+pub fn glmtts_checkout(env: &Env) -> (PathBuf, String) {
+    let root = env.root().join("GLM-TTS");
+    fs::create_dir_all(root.join("ckpt")).unwrap();
+    fs::create_dir_all(root.join("examples")).unwrap();
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/glmtts/glmtts_inference.py"),
+        root.join("glmtts_inference.py"),
+    )
+    .unwrap();
+    let engine = format!(
+        "kind = \"glmtts\"\nroot = \"{}\"\nexp_name = \"_t\"\n",
+        root.display()
+    );
+    (root, engine)
+}
+
+/// A GLM-TTS style task line (its field names) with the test voice.
+pub fn glm_line(id: &str, text: &str) -> String {
+    format!(
+        "{{\"id\":\"{id}\",\"output_name\":\"{id}\",\"prompt_text\":\"hi\",\"prompt_audio\":\"v.wav\",\"input_text\":\"{text}\"}}\n"
+    )
+}
+
+/// The runs the fake GLM-TTS logged.
+pub fn glm_runs(env: &Env) -> Vec<Value> {
+    read_jsonl(&env.root().join("glm.log"))
 }
