@@ -61,7 +61,11 @@ fn run(batch_max: usize) -> f64 {
         .unwrap();
     }
     drop(f);
-    fs::rename(d.join("spool/pending/.b.tmp"), d.join("spool/pending/b.jsonl")).unwrap();
+    fs::rename(
+        d.join("spool/pending/.b.tmp"),
+        d.join("spool/pending/b.jsonl"),
+    )
+    .unwrap();
     let t = Instant::now();
     let st = Command::new(BIN)
         .args(["run", "--once"])
@@ -74,7 +78,10 @@ fn run(batch_max: usize) -> f64 {
         .unwrap();
     assert!(st.success());
     let secs = t.elapsed().as_secs_f64();
-    let done = fs::read_to_string(d.join("spool/done.jsonl")).unwrap().lines().count();
+    let done = fs::read_to_string(d.join("spool/done.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(done, TASKS);
     secs
 }
@@ -94,12 +101,18 @@ fn main() {
         let batches = per_slot.div_ceil(b) as f64;
         let ideal = batches * LOAD_S + per_slot as f64 * UTT_S;
         results.push((b, wall, ideal));
-        println!("| {b} | {wall:.1} s | {ideal:.1} s | {:.2} | |", ideal / wall);
+        println!(
+            "| {b} | {wall:.1} s | {ideal:.1} s | {:.2} | |",
+            ideal / wall
+        );
     }
     if let Some(&(_, one, _)) = results.iter().find(|r| r.0 == 1) {
         println!();
         for (b, wall, _) in &results {
-            println!("batch_max = {b}: {:.1}x faster than batch_max = 1", one / wall);
+            println!(
+                "batch_max = {b}: {:.1}x faster than batch_max = 1",
+                one / wall
+            );
         }
     }
 }

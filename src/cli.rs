@@ -38,6 +38,11 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Webhook maintenance.
+    Webhook {
+        #[command(subcommand)]
+        command: WebhookCommand,
+    },
     /// Show counts, or the records of one task.
     Status {
         /// Print JSON.
@@ -45,5 +50,18 @@ pub enum Command {
         json: bool,
         /// A task id.
         id: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Send dead (or the given) messages again, once each, with their original webhook-id.
+    Replay {
+        /// Every message that ended `dead`, `gone` or `blocked`.
+        #[arg(long)]
+        dead: bool,
+        /// Message ids (msg_...).
+        #[arg(value_name = "MSG_ID", required_unless_present = "dead")]
+        ids: Vec<String>,
     },
 }

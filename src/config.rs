@@ -84,6 +84,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub webhook: WebhookConfig,
     /// The file this config was read from (set after parsing).
     #[serde(skip)]
     pub path: PathBuf,
@@ -223,6 +225,77 @@ pub struct ShutdownConfig {
     pub grace: Dur,
 }
 
+/// Body shape of webhooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// `{"type", "timestamp", "data": {...}}` (Standard Webhooks style).
+    Standard,
+    /// `{"code", "msg", "data": {"callbackType", "task_id", "data": [...]}}`.
+    Callback,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Default target (a task's `callback_url` overrides it); `file.completed` goes here.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Which events are sent.
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    #[serde(default = "default_format")]
+    pub format: WebhookFormat,
+    /// The signing secret (`whsec_...`); `secret_file` and `$TTSPOOL_WEBHOOK_SECRET` come first.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Older secrets, space-separated, also signed with during a rotation.
+    #[serde(default)]
+    pub previous_secrets: String,
+    /// Per attempt.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: Dur,
+    /// Waits between attempts (±20 % jitter); after the last, `dead`.
+    #[serde(default = "default_schedule")]
+    pub schedule: Vec<Dur>,
+    /// Fixed headers added to every request (e.g. an API key).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Private or local destinations allowed anyway (e.g. `["10.0.0.0/8"]`).
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    /// `audio_url` in callback bodies = this + output name + ".wav".
+    #[serde(default)]
+    pub audio_base_url: Option<String>,
+    /// Deliveries at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_events() -> Vec<String> {
+    crate::webhook::EVENTS
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+fn default_format() -> WebhookFormat {
+    WebhookFormat::Standard
+}
+fn default_webhook_timeout() -> Dur {
+    Dur(Duration::from_secs(15))
+}
+fn default_schedule() -> Vec<Dur> {
+    ["5s", "5m", "30m", "2h", "5h", "10h", "10h"]
+        .iter()
+        .map(|s| Dur(humantime::parse_duration(s).expect("valid default")))
+        .collect()
+}
+fn default_max_in_flight() -> usize {
+    16
+}
+
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("spool")
 }
@@ -315,7 +388,8 @@ default_via_serde!(
     GpuConfig,
     RetryConfig,
     LimitsConfig,
-    ShutdownConfig
+    ShutdownConfig,
+    WebhookConfig
 );
 
 impl Config {
@@ -361,6 +435,9 @@ impl Config {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(f) = cfg.webhook.secret_file.as_mut().filter(|r| r.is_relative()) {
+            *f = base.join(&*f);
         }
         if let Some(root) = cfg.engine.root.as_mut().filter(|r| r.is_relative()) {
             *root = base.join(&*root);
@@ -417,6 +494,40 @@ impl Config {
                     ));
                 }
             }
+        }
+        let w = &self.webhook;
+        for e in &w.events {
+            if !crate::webhook::EVENTS.contains(&e.as_str()) {
+                return Err(bad(
+                    "webhook.events",
+                    &format!(
+                        "unknown event {e:?}; known: {}",
+                        crate::webhook::EVENTS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(u) = &w.url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(bad("webhook.url", "must be an http:// or https:// URL"));
+            }
+        }
+        for c in &w.allow_cidrs {
+            if crate::webhook::guard::Cidr::parse(c).is_none() {
+                return Err(bad(
+                    "webhook.allow_cidrs",
+                    &format!("{c:?} is not a CIDR like \"10.0.0.0/8\" or \"fd00::/8\""),
+                ));
+            }
+        }
+        if w.schedule.is_empty() {
+            return Err(bad(
+                "webhook.schedule",
+                "needs at least one wait, e.g. [\"5s\"]",
+            ));
+        }
+        if w.max_in_flight == 0 {
+            return Err(bad("webhook.max_in_flight", "must be at least 1"));
         }
         if self.gpu.devices.is_empty() && self.gpu.max_parallel == 0 {
             return Err(bad("gpu.max_parallel", "must be at least 1"));

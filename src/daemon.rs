@@ -31,6 +31,9 @@ use crate::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
 use crate::spool::{watch as spool_watch, Spool};
 use crate::task::{self, parse_line, TaskRules};
 use crate::util::{cut, now_rfc3339};
+use crate::webhook::deliver;
+use crate::webhook::outbox::Outbox;
+use crate::webhook::Settings;
 
 /// The most lines one claim takes when claims bring no engine work.
 const MAX_BURST: usize = 1024;
@@ -95,6 +98,9 @@ pub struct Daemon {
     instance: String,
     dirty: bool,
     claiming: bool,
+    /// Webhooks are being delivered or due soon (`--once` waits for them).
+    webhooks_busy: bool,
+    webhooks: Webhooks,
     /// Lines to claim at once when claims yield no engine work (all skipped
     /// or invalid): grows so a backlog of skips is not throttled by per-claim
     /// fsyncs; back to the slot count as soon as a claim brings real work, so
@@ -121,7 +127,10 @@ pub async fn run(
     mut signals: mpsc::UnboundedReceiver<Sig>,
 ) -> anyhow::Result<()> {
     let spool = Spool::new(&cfg.spool.dir);
-    let claimer = Claimer::open(
+    let settings = Arc::new(
+        Settings::from_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?,
+    );
+    let mut claimer = Claimer::open(
         &spool,
         &cfg.spool.instance,
         cfg.limits.max_line_bytes,
@@ -146,10 +155,42 @@ pub async fn run(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
     let log = RecordLog::new(&spool);
+    // The outbox: settle what a crash left, then deliver what is in it.
+    let outbox = Arc::new(Outbox::open(&spool, &cfg.spool.instance)?);
+    let recovered = outbox.recover(&log)?;
+    if recovered > 0 {
+        info!(
+            messages = recovered,
+            "recovered webhook messages written before a crash"
+        );
+    }
+    let hooks = deliver::spawn(
+        settings.clone(),
+        spool.clone(),
+        outbox.clone(),
+        cfg.spool.instance.clone(),
+        cfg.shutdown.grace.0,
+    );
+    let webhooks = Webhooks {
+        settings: settings.clone(),
+        outbox: outbox.clone(),
+        tx: hooks.tx.clone(),
+        spool_root: spool.root.clone(),
+    };
+    let w2 = webhooks.clone();
+    claimer.on_consume(Box::new(move |f| {
+        if let Some(m) = w2.settings.for_file(f) {
+            let seg = w2.outbox.write(&[m], None)?;
+            let _ = w2.tx.send(deliver::Cmd::Segment(seg));
+        }
+        Ok(())
+    }));
     let ctx = tx.clone();
+    let w3 = webhooks.clone();
     std::thread::Builder::new()
         .name("ttspool-records".into())
-        .spawn(move || committer(log, commit_rx, ctx))?;
+        .spawn(move || committer(log, commit_rx, ctx, w3))?;
+    let mut wh_busy = hooks.busy;
     let htx = tx.clone();
     let hints = spool_watch::watch(&spool.pending(), cfg.spool.watch, move || {
         let _ = htx.send(Event::Hint);
@@ -176,6 +217,8 @@ pub async fn run(
         leases: HashMap::new(),
         dirty: true,
         claiming: false,
+        webhooks_busy: false,
+        webhooks,
         burst: 0,
         avg_run_ms: 1000,
         wake: None,
@@ -205,6 +248,10 @@ pub async fn run(
         }
         let ev = tokio::select! {
             Some(ev) = rx.recv() => ev,
+            Ok(()) = wh_busy.changed() => {
+                d.webhooks_busy = *wh_busy.borrow();
+                Event::Hint
+            }
             Some(sig) = signals.recv() => Event::Signal(sig),
             _ = poll.tick() => Event::Tick,
             _ = beat.tick() => Event::Beat,
@@ -333,6 +380,7 @@ impl Daemon {
             && !self.dirty
             && self.last_claim_empty
             && !self.waiting_partial
+            && !self.webhooks_busy
     }
 
     /// Starts whatever can start: takeover at startup, runs, claims.
@@ -405,8 +453,28 @@ impl Daemon {
         self.taking_over = true;
         let c = self.claimer.clone();
         let tx = self.tx.clone();
+        let w = self.webhooks.clone();
         tokio::task::spawn_blocking(move || {
-            let res = c.lock().expect("claimer").take_over();
+            let mut claimer = c.lock().expect("claimer");
+            let res = claimer.take_over();
+            // Webhooks of a dead daemon: adopt its outbox folder.
+            let others = w.outbox.others().unwrap_or_default();
+            let log = RecordLog::new(&Spool::new(&w.spool_root));
+            let mut moved = 0;
+            for dead in claimer.dead_instances(&others) {
+                match w.outbox.adopt(&dead, &log) {
+                    Ok(n) => moved += n,
+                    Err(e) => error!("cannot adopt the webhook outbox of {dead}: {e}"),
+                }
+            }
+            drop(claimer);
+            if moved > 0 {
+                info!(
+                    files = moved,
+                    "adopted webhook messages of a daemon that died"
+                );
+                let _ = w.tx.send(deliver::Cmd::Rescan);
+            }
             let _ = tx.send(Event::TakenOver(res));
         });
     }
@@ -789,11 +857,21 @@ fn guess_id(bytes: &[u8]) -> Option<String> {
     (!s.is_empty() && s.len() <= 200).then(|| s.to_string())
 }
 
+/// What the record committer needs to queue webhooks.
+#[derive(Clone)]
+struct Webhooks {
+    settings: Arc<Settings>,
+    outbox: Arc<Outbox>,
+    tx: mpsc::UnboundedSender<deliver::Cmd>,
+    spool_root: PathBuf,
+}
+
 /// The committer thread: group commit of records, then report them durable.
 fn committer(
     log: RecordLog,
     rx: std::sync::mpsc::Receiver<Commit>,
     tx: mpsc::UnboundedSender<Event>,
+    webhooks: Webhooks,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -803,7 +881,7 @@ fn committer(
                 Err(_) => break,
             }
         }
-        match write_batch(&log, &batch) {
+        match write_batch(&log, &batch, &webhooks) {
             Ok(written) => {
                 let list = batch
                     .into_iter()
@@ -828,7 +906,11 @@ fn committer(
 /// another daemon has taken over (it re-runs those lines itself). First the
 /// folders of the batch's new outputs are fsynced, once each, so every
 /// `completed` record points at a rename that is already durable.
-fn write_batch(log: &RecordLog, batch: &[Commit]) -> std::io::Result<Vec<bool>> {
+fn write_batch(
+    log: &RecordLog,
+    batch: &[Commit],
+    webhooks: &Webhooks,
+) -> std::io::Result<Vec<bool>> {
     let mut dirs: Vec<&std::path::Path> = batch
         .iter()
         .filter_map(|c| match &c.record {
@@ -850,6 +932,7 @@ fn write_batch(log: &RecordLog, batch: &[Commit]) -> std::io::Result<Vec<bool>> 
     let mut done = Vec::new();
     let mut failed = Vec::new();
     let mut written = Vec::with_capacity(batch.len());
+    let mut messages = Vec::new();
     for c in batch {
         let ok = *ours
             .entry(&c.lease)
@@ -862,9 +945,21 @@ fn write_batch(log: &RecordLog, batch: &[Commit]) -> std::io::Result<Vec<bool>> 
             } else {
                 failed.push(line);
             }
+            messages.extend(webhooks.settings.for_record(&c.record));
         }
     }
+    // The messages are durable before their records, and deliverable only
+    // after them (see webhook/outbox.rs for why a crash in between is safe).
+    let pending = if messages.is_empty() {
+        None
+    } else {
+        Some(webhooks.outbox.write(&messages, Some(log.sizes()))?)
+    };
     RecordLog::append_locked(&log.done, &done)?;
     RecordLog::append_locked(&log.failed, &failed)?;
+    if let Some(p) = pending {
+        let seg = Outbox::promote(&p)?;
+        let _ = webhooks.tx.send(deliver::Cmd::Segment(seg));
+    }
     Ok(written)
 }

@@ -29,3 +29,4 @@ pub mod status;
 pub mod submit;
 pub mod task;
 pub mod util;
+pub mod webhook;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::sync::mpsc;
 
-use ttspool::cli::{Cli, Command};
+use ttspool::cli::{Cli, Command, WebhookCommand};
 use ttspool::config::Config;
 use ttspool::daemon::{self, Options, Sig};
 
@@ -36,8 +36,24 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // The webhook secret is part of the config: a bad one is a config error.
+    let hooks = match ttspool::webhook::Settings::from_config(&cfg) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ttspool: {}: {e}", cfg.path.display());
+            let code = if matches!(cli.command, Command::Check { .. }) {
+                1
+            } else {
+                EXIT_CONFIG
+            };
+            return ExitCode::from(code);
+        }
+    };
     let result = match cli.command {
         Command::Run { once } => run(cfg, once),
+        Command::Webhook {
+            command: WebhookCommand::Replay { dead, ids },
+        } => replay(cfg, hooks, dead, ids),
         Command::Submit { files } => ttspool::submit::submit(&cfg, &files),
         Command::Check { files } => ttspool::check::check(&cfg, &files),
         Command::Status { json, id } => ttspool::status::status(&cfg, json, id.as_deref()),
@@ -49,6 +65,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn replay(
+    cfg: Config,
+    hooks: ttspool::webhook::Settings,
+    dead: bool,
+    ids: Vec<String>,
+) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let spool = ttspool::spool::Spool::new(&cfg.spool.dir);
+    let (ok, bad) = rt.block_on(ttspool::webhook::deliver::replay(
+        &hooks, &spool, dead, &ids,
+    ))?;
+    println!(
+        "replayed {} message(s): {ok} delivered, {bad} not",
+        ok + bad
+    );
+    Ok(if bad == 0 { 0 } else { 1 })
 }
 
 fn run(cfg: Config, once: bool) -> anyhow::Result<u8> {

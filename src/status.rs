@@ -23,6 +23,10 @@ pub struct Counts {
     pub failed_by_kind: BTreeMap<String, u64>,
     /// Lines in the logs that are not records (a torn write).
     pub unreadable_record_lines: u64,
+    /// Webhook outcomes by status (delivered, gone, dead, blocked).
+    pub webhooks: BTreeMap<String, u64>,
+    /// Webhook messages not yet delivered (all daemons' outboxes).
+    pub webhook_outbox: u64,
 }
 
 pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
@@ -53,6 +57,18 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
             _ => {}
         })?;
     }
+    let wlog = crate::webhook::deliver::webhooks_log(&spool);
+    if let Ok(f) = std::fs::File::open(&wlog) {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(st) = v.get("status").and_then(|s| s.as_str()) {
+                    *c.webhooks.entry(st.to_string()).or_default() += 1;
+                }
+            }
+        }
+    }
+    c.webhook_outbox = crate::webhook::outbox::depth(&spool);
     Ok(c)
 }
 
@@ -103,6 +119,12 @@ pub fn status(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> 
     println!("failed     {}", c.failed);
     for (k, n) in &c.failed_by_kind {
         println!("  {k:<20} {n}");
+    }
+    if c.webhook_outbox > 0 || !c.webhooks.is_empty() {
+        println!("webhooks   {} waiting", c.webhook_outbox);
+        for (k, n) in &c.webhooks {
+            println!("  {k:<20} {n}");
+        }
     }
     if c.unreadable_record_lines > 0 {
         println!(

@@ -84,6 +84,10 @@ pub struct Cursor {
     pub offset: u64,
     /// Lines before `offset`.
     pub line: u64,
+    /// Sizes of done.jsonl / failed.jsonl when the file was first claimed
+    /// from: its records come after, which bounds counting them.
+    #[serde(default)]
+    pub since: Option<(u64, u64)>,
 }
 
 /// A claimed range of lines, as stored in its lease file.
@@ -151,7 +155,22 @@ struct Seen {
     since: Instant,
 }
 
+/// A file whose every line has its record, as it is moved away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDone {
+    pub file: String,
+    pub file_id: String,
+    pub completed: u64,
+    pub skipped: u64,
+    pub failed: u64,
+}
+
+/// Called (under the claim lock) before a consumed file is moved away; an
+/// error keeps the file where it is, to be tried again.
+pub type OnConsume = Box<dyn FnMut(&FileDone) -> io::Result<()> + Send>;
+
 pub struct Claimer {
+    on_consume: Option<OnConsume>,
     spool: Spool,
     log: RecordLog,
     instance: String,
@@ -216,6 +235,7 @@ impl Claimer {
             .open(&alive_path)
             .map_err(io_err("open", &alive_path))?;
         let mut c = Claimer {
+            on_consume: None,
             log: RecordLog::new(spool),
             spool: spool.clone(),
             instance: instance.into(),
@@ -235,6 +255,27 @@ impl Claimer {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Sets what happens when a file is fully recorded (the webhook).
+    pub fn on_consume(&mut self, f: OnConsume) {
+        self.on_consume = Some(f);
+    }
+
+    /// Instances (other than us) whose heartbeat is older than the lease.
+    pub fn dead_instances(&self, names: &[String]) -> Vec<String> {
+        let own = self
+            .spool
+            .instances()
+            .join(format!("{}.alive", self.instance));
+        let Ok(now) = fs::metadata(&own).and_then(|m| m.modified()) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter(|n| **n != self.instance && self.is_dead(n, now))
+            .cloned()
+            .collect()
     }
 
     /// The leases this process holds.
@@ -344,6 +385,9 @@ impl Claimer {
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         let cursor_path = dir.join("cursor");
         let mut cur = read_cursor(&cursor_path)?;
+        if cur.since.is_none() {
+            cur.since = Some(self.log.sizes());
+        }
         let size = md.len();
         if size < cur.offset {
             tracing::warn!(file = %e.name, "file shrank below what was claimed; reading it again as a new file");
@@ -351,6 +395,7 @@ impl Claimer {
                 gen: cur.gen + 1,
                 offset: 0,
                 line: 0,
+                since: cur.since,
             };
             write_cursor(&cursor_path, &cur)?;
         }
@@ -397,6 +442,7 @@ impl Claimer {
                     gen: cur.gen,
                     offset: end_off,
                     line: end_line,
+                    since: cur.since,
                 },
             )?;
             return Ok(0);
@@ -432,6 +478,7 @@ impl Claimer {
                             gen: other.gen,
                             offset: other.end_off,
                             line: other.end_line,
+                            since: cur.since,
                         },
                     )?;
                     return Ok(0);
@@ -448,6 +495,7 @@ impl Claimer {
                 gen: cur.gen,
                 offset: end_off,
                 line: end_line,
+                since: cur.since,
             },
         )?;
         self.held
@@ -494,6 +542,13 @@ impl Claimer {
             Ok(md) if md.ino() == e.ino => {}
             _ => return Ok(()),
         }
+        if let Some(mut hook) = self.on_consume.take() {
+            let res = self
+                .file_done(e, dir)
+                .and_then(|done| hook(&done).map_err(io_err("announce the end of", path)));
+            self.on_consume = Some(hook);
+            res?;
+        }
         fs::rename(path, &target).map_err(io_err("move consumed file", path))?;
         let _ = fsync_dir(&self.spool.pending());
         let _ = fsync_dir(&consumed);
@@ -501,6 +556,34 @@ impl Claimer {
         self.seen.remove(&e.key());
         batch.consumed.push(e.name.clone());
         Ok(())
+    }
+
+    /// Counts the records of a file (all its generations).
+    fn file_done(&self, e: &Entry, dir: &Path) -> Result<FileDone, ClaimError> {
+        let key = e.key();
+        let cur = read_cursor(&dir.join("cursor"))?;
+        let (d0, f0) = cur.since.unwrap_or((0, 0));
+        let prefix = format!("{key}#");
+        let mut done = FileDone {
+            file: e.name.clone(),
+            file_id: format!("{key}#{}", cur.gen),
+            completed: 0,
+            skipped: 0,
+            failed: 0,
+        };
+        for (p, from) in [(&self.log.done, d0), (&self.log.failed, f0)] {
+            read_records(p, from, |r, _| {
+                if r.file_id.starts_with(&prefix) {
+                    match r.status.as_str() {
+                        "completed" => done.completed += 1,
+                        "skipped" => done.skipped += 1,
+                        _ => done.failed += 1,
+                    }
+                }
+            })
+            .map_err(io_err("read", p))?;
+        }
+        Ok(done)
     }
 
     /// Takes over leases whose owner is gone (or that were handed back), and
@@ -607,6 +690,7 @@ impl Claimer {
                     gen: doc.gen,
                     offset: doc.end_off,
                     line: doc.end_line,
+                    since: cur.since,
                 },
             )?;
         }
