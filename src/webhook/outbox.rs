@@ -9,6 +9,7 @@
 //!   tasks without a record run again and get messages of their own;
 //! - a crash after the records leaves a `.pending` whose records all exist:
 //!   recovery promotes it.
+//!
 //! Either way a task with a record has exactly one message.
 //!
 //! Delivery progress is `<segment>.acks` (one message index per line per
