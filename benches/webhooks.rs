@@ -14,7 +14,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_ttspool");
 const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
 /// A minimal HTTP/1.1 keep-alive receiver that answers 200 to every POST.
-fn receiver() -> (u16, Arc<AtomicUsize>, Arc<Mutex<(Option<Instant>, Option<Instant>)>>) {
+fn receiver() -> (
+    u16,
+    Arc<AtomicUsize>,
+    Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let count = Arc::new(AtomicUsize::new(0));
@@ -52,7 +56,9 @@ fn receiver() -> (u16, Arc<AtomicUsize>, Arc<Mutex<(Option<Instant>, Option<Inst
                         g.1 = Some(now);
                     }
                     c.fetch_add(1, Ordering::SeqCst);
-                    if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+                    if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -82,7 +88,11 @@ fn spool(n: usize, url: &str, schedule: &str) -> tempfile::TempDir {
     let tmp = d.join("spool/pending/.w.tmp");
     let mut w = BufWriter::new(fs::File::create(&tmp).unwrap());
     for i in 0..n {
-        writeln!(w, "{{\"id\":\"w{i}\",\"input_text\":\"hi\",\"output_name\":\"same\"}}").unwrap();
+        writeln!(
+            w,
+            "{{\"id\":\"w{i}\",\"input_text\":\"hi\",\"output_name\":\"same\"}}"
+        )
+        .unwrap();
     }
     w.flush().unwrap();
     drop(w);
@@ -105,12 +115,18 @@ fn run_once(dir: &std::path::Path) -> (Duration, u64) {
     // SAFETY: our child; valid out-pointers.
     let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
     assert_eq!(r, child.id() as i32);
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "run --once failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "run --once failed"
+    );
     (t.elapsed(), ru.ru_maxrss as u64)
 }
 
 fn main() {
-    println!("| {:<52} | {:>20} | {:<12} |", "benchmark", "result", "target");
+    println!(
+        "| {:<52} | {:>20} | {:<12} |",
+        "benchmark", "result", "target"
+    );
     println!("|{}|{}|{}|", "-".repeat(54), "-".repeat(22), "-".repeat(14));
 
     let (port, count, span) = receiver();
@@ -121,18 +137,51 @@ fn main() {
     assert_eq!(got, n, "every event delivered");
     let (first, last) = *span.lock().unwrap();
     let secs = (last.unwrap() - first.unwrap()).as_secs_f64().max(1e-3);
-    println!("| {:<52} | {:>20} | {:<12} |", "10k events to a local receiver: deliveries/s", format!("{:.0}/s", n as f64 / secs), "");
-    println!("| {:<52} | {:>20} | {:<12} |", "  run --once wall time (10k tasks + 10k webhooks)", format!("{:.1} s", wall.as_secs_f64()), "");
-    println!("| {:<52} | {:>20} | {:<12} |", "  peak RSS", format!("{:.1} MiB", rss as f64 / 1024.0), "");
+    println!(
+        "| {:<52} | {:>20} | {:<12} |",
+        "10k events to a local receiver: deliveries/s",
+        format!("{:.0}/s", n as f64 / secs),
+        ""
+    );
+    println!(
+        "| {:<52} | {:>20} | {:<12} |",
+        "  run --once wall time (10k tasks + 10k webhooks)",
+        format!("{:.1} s", wall.as_secs_f64()),
+        ""
+    );
+    println!(
+        "| {:<52} | {:>20} | {:<12} |",
+        "  peak RSS",
+        format!("{:.1} MiB", rss as f64 / 1024.0),
+        ""
+    );
 
     // Receiver down: 100,000 messages wait in the outbox.
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let n = 100_000;
     let dir = spool(n, &format!("http://127.0.0.1:{closed}/hook"), "[\"1h\"]");
     let (wall, rss) = run_once(dir.path());
-    let out = Command::new(BIN).args(["status", "--json"]).current_dir(dir.path()).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["webhook_outbox"], n, "all undelivered messages kept");
-    println!("| {:<52} | {:>20} | {:<12} |", "100k undelivered in the outbox (receiver down): peak RSS", format!("{:.1} MiB", rss as f64 / 1024.0), "< 64 MiB");
-    println!("| {:<52} | {:>20} | {:<12} |", "  run --once wall time (100k tasks, 100k attempts)", format!("{:.1} s", wall.as_secs_f64()), "");
+    println!(
+        "| {:<52} | {:>20} | {:<12} |",
+        "100k undelivered in the outbox (receiver down): peak RSS",
+        format!("{:.1} MiB", rss as f64 / 1024.0),
+        "< 64 MiB"
+    );
+    println!(
+        "| {:<52} | {:>20} | {:<12} |",
+        "  run --once wall time (100k tasks, 100k attempts)",
+        format!("{:.1} s", wall.as_secs_f64()),
+        ""
+    );
 }

@@ -1,6 +1,6 @@
 //! ttspool: a spool daemon that turns JSONL task files into speech.
 //!
-//! Data flows one way — spool → scheduler → engine → records — and each stage
+//! Data flows one way — spool → scheduler → engine → records → webhook — and each stage
 //! has its module:
 //!
 //! - [`config`]: the typed TOML config, defaults and validation.
@@ -10,8 +10,10 @@
 //!   claims and leases shared by several daemons ([`spool::claim`]), and the
 //!   record logs ([`spool::records`]).
 //! - [`scheduler`]: slots per GPU, the queue, retry backoff.
-//! - [`engine`]: what runs the TTS (the `command` engine).
+//! - [`engine`]: what runs the TTS: the `command` engine, the GLM-TTS batch engine.
 //! - [`process`]: children in their own process group, timeouts, kills.
+//! - [`webhook`]: signed webhooks: the outbox written with the records,
+//!   delivery with retries, the SSRF guard.
 //! - [`daemon`]: the event loop that wires them, signals and shutdown.
 //! - [`submit`], [`check`], [`status`]: the other commands.
 //!
