@@ -26,6 +26,13 @@ pub enum Command {
         /// Drain what is pending now, then exit.
         #[arg(long)]
         once: bool,
+        /// Detach into the background (without systemd); logs go to stderr,
+        /// so redirect it: `ttspool run --daemonize --pidfile P 2>>LOG`.
+        #[arg(long, requires = "pidfile")]
+        daemonize: bool,
+        /// With --daemonize: the pid file, locked while the daemon runs.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
     },
     /// Validate task files, then publish them atomically into pending/.
     Submit {

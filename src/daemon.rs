@@ -238,6 +238,15 @@ pub async fn run(
     let beat_every = (d.cfg.spool.lease.0 / 4).max(Duration::from_millis(250));
     let mut beat = tokio::time::interval(beat_every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // systemd's watchdog is pinged from this loop, so a wedged loop gets
+    // the daemon restarted.
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut dog = tokio::time::interval(
+        watchdog
+            .map(|w| w / 2)
+            .unwrap_or(Duration::from_secs(3600))
+            .max(Duration::from_millis(100)),
+    );
     loop {
         d.pump();
         if let Some(f) = d.fatal.take() {
@@ -255,6 +264,10 @@ pub async fn run(
             Some(sig) = signals.recv() => Event::Signal(sig),
             _ = poll.tick() => Event::Tick,
             _ = beat.tick() => Event::Beat,
+            _ = dog.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                continue;
+            }
         };
         d.handle(ev);
     }
@@ -281,6 +294,11 @@ impl Daemon {
             }
             Event::TakenOver(res) => {
                 self.taking_over = false;
+                if !self.recovered {
+                    // The spool is open and our previous run's claims are
+                    // back in hand: now systemd may call us started.
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                }
                 self.recovered = true;
                 match res {
                     Ok(list) => {
@@ -334,6 +352,7 @@ impl Daemon {
             Event::Signal(Sig::Stop) => {
                 self.stopping += 1;
                 if self.stopping == 1 {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                     info!(
                         running = self.sched.busy(),
                         grace = %humantime::format_duration(self.cfg.shutdown.grace.0),

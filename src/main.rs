@@ -50,7 +50,19 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { once } => run(cfg, once),
+        Command::Run {
+            once,
+            daemonize,
+            pidfile,
+        } => {
+            if daemonize {
+                if let Err(e) = detach(pidfile.as_deref().expect("clap requires it")) {
+                    eprintln!("ttspool: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            run(cfg, once)
+        }
         Command::Webhook {
             command: WebhookCommand::Replay { dead, ids },
         } => replay(cfg, hooks, dead, ids),
@@ -85,6 +97,43 @@ fn replay(
         ok + bad
     );
     Ok(if bad == 0 { 0 } else { 1 })
+}
+
+/// Forks into the background before any thread or runtime exists. The pid
+/// file stays locked for the daemon's life: a second daemon on it is refused
+/// with the holder's pid; a stale one (no holder) is taken over.
+fn detach(pidfile: &std::path::Path) -> anyhow::Result<()> {
+    let pidfile = std::path::absolute(pidfile)?;
+    {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&pidfile)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open pid file {}: {}",
+                    pidfile.display(),
+                    ttspool::util::io_msg(&e)
+                )
+            })?;
+        if let Err(std::fs::TryLockError::WouldBlock) = f.try_lock() {
+            let holder = std::fs::read_to_string(&pidfile).unwrap_or_default();
+            anyhow::bail!(
+                "already running as pid {} (pid file {} is locked); stop it first or use another --pidfile",
+                holder.trim(),
+                pidfile.display()
+            );
+        }
+    }
+    daemonize::Daemonize::new()
+        .pid_file(&pidfile)
+        .working_directory("/")
+        .stdout(daemonize::Stdio::devnull())
+        .stderr(daemonize::Stdio::keep())
+        .start()
+        .map_err(|e| anyhow::anyhow!("cannot daemonize (pid file {}): {e}", pidfile.display()))?;
+    Ok(())
 }
 
 fn run(cfg: Config, once: bool) -> anyhow::Result<u8> {

@@ -1,0 +1,149 @@
+//! Running for months: systemd notification and watchdog, daemonize with a
+//! pid file.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn systemd_hears_ready_and_watchdog_pings() {
+    let env = Env::new("");
+    let sock_path = env.root().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut d = env
+        .cmd(&["run"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let n = sock.recv(&mut buf).expect("a notification within 20s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+    // READY comes once the spool is open and claims are recovered.
+    assert!(seen.iter().position(|m| m.contains("READY=1")).is_some());
+    let mut rest = Vec::new();
+    while let Ok(n) = {
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        sock.recv(&mut buf)
+    } {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(rest.iter().any(|m| m.contains("STOPPING=1")), "{rest:?}");
+}
+
+#[test]
+fn engines_never_inherit_the_notify_socket() {
+    let mut env = Env::new("");
+    // An engine that writes its environment into its output name's log.
+    let script = env.root().join("envdump.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nenv > \"$FAKE_LOG.env\"\ncp \"$FAKE_WAV\" \"$1\"\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    env.engine_extra = format!("argv = [\"{}\", \"{{output}}\"]", script.display());
+    env.write_config();
+    env.drop_file("a.jsonl", &task_line("e1", "x"));
+    let out = env
+        .cmd(&["run", "--once"])
+        .env("NOTIFY_SOCKET", "/nonexistent/sock")
+        .env("WATCHDOG_USEC", "1000000")
+        .env("WATCHDOG_PID", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dump = std::fs::read_to_string(env.log().with_extension("log.env")).unwrap();
+    assert!(
+        !dump.contains("NOTIFY_SOCKET") && !dump.contains("WATCHDOG_"),
+        "{dump}"
+    );
+    assert!(dump.contains("TTSPOOL_TASK_ID=e1") && dump.contains("TTSPOOL_SLOT="));
+}
+
+#[test]
+fn daemonize_with_a_pidfile_refuses_a_second_and_takes_over_a_stale_one() {
+    let env = Env::new("");
+    let pidfile = env.root().join("ttspool.pid");
+    let log = env.root().join("daemon.log");
+    let start = || {
+        env.cmd(&["run", "--daemonize", "--pidfile", pidfile.to_str().unwrap()])
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .status()
+            .unwrap()
+    };
+    assert!(start().success());
+    wait_until(10, "the pid file", || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim().parse::<i32>().is_ok())
+    });
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    // It works in the background.
+    env.drop_file("a.jsonl", &task_line("bg", "x"));
+    wait_until(30, "the task", || env.done().len() == 1);
+    // A second one is refused and names the pid.
+    let second = env
+        .cmd(&["run", "--daemonize", "--pidfile", pidfile.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&format!("already running as pid {pid}")),
+        "{err}"
+    );
+    // Stop it; the pid file is left behind, stale.
+    std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    wait_until(30, "the daemon to exit", || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(pidfile.exists());
+    assert!(start().success(), "a stale pid file is taken over");
+    wait_until(10, "a new pid", || {
+        std::fs::read_to_string(&pidfile)
+            .is_ok_and(|s| s.trim().parse::<i32>().is_ok_and(|p| p != pid))
+    });
+    let pid2: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::process::Command::new("kill")
+        .arg(pid2.to_string())
+        .status()
+        .unwrap();
+    wait_until(30, "the second daemon to exit", || {
+        !std::path::Path::new(&format!("/proc/{pid2}")).exists()
+    });
+}
