@@ -86,6 +86,12 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub webhook: WebhookConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     /// The file this config was read from (set after parsing).
     #[serde(skip)]
     pub path: PathBuf,
@@ -274,6 +280,82 @@ pub struct WebhookConfig {
     pub max_in_flight: usize,
 }
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus text on `http://<listen>/metrics` (off when unset).
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Also write the metrics to this file for node_exporter's textfile collector.
+    #[serde(default)]
+    pub textfile: Option<PathBuf>,
+}
+
+/// A byte size written as `"256MiB"`, `"1GB"`, `"4096"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_size(&s).map(Size).ok_or_else(|| {
+            de::Error::custom(format!(
+                "invalid size {s:?}; write e.g. \"256MiB\", \"1GB\""
+            ))
+        })
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete files in `pending/.consumed/` older than this.
+    #[serde(default = "default_consumed")]
+    pub consumed: Option<Dur>,
+    /// Rotate done/failed/webhooks logs once they are larger than this.
+    #[serde(default = "default_rotate_size")]
+    pub rotate_size: Option<Size>,
+    /// Rotate them at the first write of each day (UTC) too.
+    #[serde(default)]
+    pub rotate_daily: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Log filter (`info`, `debug`, `ttspool=debug,warn`); `$TTSPOOL_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_consumed() -> Option<Dur> {
+    Some(Dur(Duration::from_secs(30 * 86400)))
+}
+fn default_rotate_size() -> Option<Size> {
+    Some(Size(256 << 20))
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
 fn default_events() -> Vec<String> {
     crate::webhook::EVENTS
         .iter()
@@ -389,7 +471,9 @@ default_via_serde!(
     RetryConfig,
     LimitsConfig,
     ShutdownConfig,
-    WebhookConfig
+    WebhookConfig,
+    RetentionConfig,
+    LogConfig
 );
 
 impl Config {
@@ -435,6 +519,9 @@ impl Config {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(f) = cfg.metrics.textfile.as_mut().filter(|r| r.is_relative()) {
+            *f = base.join(&*f);
         }
         if let Some(f) = cfg.webhook.secret_file.as_mut().filter(|r| r.is_relative()) {
             *f = base.join(&*f);
@@ -524,6 +611,20 @@ impl Config {
             return Err(bad(
                 "webhook.schedule",
                 "needs at least one wait, e.g. [\"5s\"]",
+            ));
+        }
+        if let Some(l) = &self.metrics.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(
+                    "metrics.listen",
+                    "must be an address like \"127.0.0.1:9464\"",
+                ));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(bad(
+                "log.level",
+                "must be a level like \"info\" or a filter like \"ttspool=debug,warn\"",
             ));
         }
         if w.max_in_flight == 0 {
@@ -657,6 +758,23 @@ mod tests {
     fn gpu_slots() {
         let c = parse("[gpu]\ndevices = [\"0\", \"1\"]\nslots_per_device = 2\n").unwrap();
         assert_eq!(c.slot_count(), 4);
+    }
+
+    #[test]
+    fn the_installed_example_config_parses() {
+        let text = include_str!("../systemd/ttspool.toml");
+        let c = Config::from_toml(text, Path::new("/etc/ttspool/ttspool.toml")).unwrap();
+        assert_eq!(c.spool.dir, PathBuf::from("/var/lib/ttspool/spool"));
+        assert_eq!(c.retention.rotate_size, Some(Size(256 << 20)));
+        assert!(c.retention.rotate_daily);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256MiB"), Some(256 << 20));
+        assert_eq!(parse_size("1GB"), Some(1_000_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("lots"), None);
     }
 
     #[test]

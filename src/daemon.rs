@@ -47,10 +47,13 @@ pub enum Sig {
     Reload,
 }
 
-#[derive(Debug)]
+/// Changes the log filter (on reload).
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+
 pub struct Options {
     /// Drain what is pending now, then exit.
     pub once: bool,
+    pub set_level: SetLogLevel,
 }
 
 /// A record on its way to disk, with the lease it settles.
@@ -80,6 +83,7 @@ enum Event {
     CommitFailed(String),
     Signal(Sig),
     GraceOver,
+    Reloaded(Box<Result<(Config, Settings), String>>),
 }
 
 pub struct Daemon {
@@ -172,14 +176,15 @@ pub async fn run(
         cfg.shutdown.grace.0,
     );
     let webhooks = Webhooks {
-        settings: settings.clone(),
+        settings: Arc::new(std::sync::RwLock::new(settings.clone())),
         outbox: outbox.clone(),
         tx: hooks.tx.clone(),
         spool_root: spool.root.clone(),
     };
     let w2 = webhooks.clone();
     claimer.on_consume(Box::new(move |f| {
-        if let Some(m) = w2.settings.for_file(f) {
+        let settings = w2.settings.read().expect("settings").clone();
+        if let Some(m) = settings.for_file(f) {
             let seg = w2.outbox.write(&[m], None)?;
             let _ = w2.tx.send(deliver::Cmd::Segment(seg));
         }
@@ -370,7 +375,26 @@ impl Daemon {
                 }
             }
             Event::Signal(Sig::Reload) => {
-                warn!("SIGHUP: live config reload is not supported yet; restart ttspool to apply config changes");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                let path = self.cfg.path.clone();
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let res = Config::load(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| {
+                            Settings::from_config(&c)
+                                .map(|s| (c, s))
+                                .map_err(|e| format!("{}: {e}", path.display()))
+                        });
+                    let _ = tx.send(Event::Reloaded(Box::new(res)));
+                });
+            }
+            Event::Reloaded(res) => {
+                match *res {
+                    Ok((new, settings)) => self.apply_config(new, settings),
+                    Err(e) => error!("config reload refused, the running config stays: {e}"),
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
             Event::GraceOver => {
                 if self.sched.busy() > 0 {
@@ -674,6 +698,49 @@ impl Daemon {
         );
     }
 
+    /// Applies a reloaded config: what can change live does; keys that need a
+    /// restart keep their running values and are named in the log.
+    fn apply_config(&mut self, mut new: Config, settings: Settings) {
+        let old = &self.cfg;
+        let mut restart = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+, $name:expr) => {
+                if format!("{:?}", new.$($field).+) != format!("{:?}", old.$($field).+) {
+                    restart.push($name);
+                    new.$($field).+ = old.$($field).+.clone();
+                }
+            };
+        }
+        keep!(spool.dir, "spool.dir");
+        keep!(spool.instance, "spool.instance");
+        keep!(spool.watch, "spool.watch");
+        keep!(spool.poll_interval, "spool.poll_interval");
+        keep!(spool.settle, "spool.settle");
+        keep!(spool.lease, "spool.lease");
+        keep!(output.dir, "output.dir");
+        keep!(engine.kind, "engine.kind");
+        keep!(engine.root, "engine.root");
+        keep!(limits.max_line_bytes, "limits.max_line_bytes");
+        keep!(metrics.listen, "metrics.listen");
+        keep!(metrics.textfile, "metrics.textfile");
+        if let Err(e) = (self.opts.set_level)(&new.log.level) {
+            warn!("log.level {:?} not applied: {e}", new.log.level);
+        }
+        self.engine = Arc::new(Engine::from_config(&new));
+        self.rules = TaskRules::from_config(&new);
+        self.sched.set_slots(engine::slots(&new));
+        let settings = Arc::new(settings);
+        *self.webhooks.settings.write().expect("settings") = settings.clone();
+        let _ = self.webhooks.tx.send(deliver::Cmd::Settings(settings));
+        self.cfg = new;
+        if restart.is_empty() {
+            info!(config = %self.cfg.path.display(), slots = self.cfg.slot_count(), "config reloaded");
+        } else {
+            warn!(config = %self.cfg.path.display(), "config reloaded; these keys changed but need a restart and keep their running values: {}", restart.join(", "));
+        }
+        self.dirty = true;
+    }
+
     /// Makes the loop look again at `at` (a batch's wait running out).
     fn wake_at(&mut self, at: std::time::Instant) {
         if self
@@ -879,7 +946,7 @@ fn guess_id(bytes: &[u8]) -> Option<String> {
 /// What the record committer needs to queue webhooks.
 #[derive(Clone)]
 struct Webhooks {
-    settings: Arc<Settings>,
+    settings: Arc<std::sync::RwLock<Arc<Settings>>>,
     outbox: Arc<Outbox>,
     tx: mpsc::UnboundedSender<deliver::Cmd>,
     spool_root: PathBuf,
@@ -952,6 +1019,7 @@ fn write_batch(
     let mut failed = Vec::new();
     let mut written = Vec::with_capacity(batch.len());
     let mut messages = Vec::new();
+    let settings = webhooks.settings.read().expect("settings").clone();
     for c in batch {
         let ok = *ours
             .entry(&c.lease)
@@ -964,7 +1032,7 @@ fn write_batch(
             } else {
                 failed.push(line);
             }
-            messages.extend(webhooks.settings.for_record(&c.record));
+            messages.extend(settings.for_record(&c.record));
         }
     }
     // The messages are durable before their records, and deliverable only

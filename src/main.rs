@@ -15,14 +15,6 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TTSPOOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cfg = match Config::locate(cli.config.as_deref()).and_then(|p| Config::load(&p)) {
         Ok(c) => c,
         Err(e) => {
@@ -36,6 +28,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let set_level = init_logging(&cfg.log.level);
     // The webhook secret is part of the config: a bad one is a config error.
     let hooks = match ttspool::webhook::Settings::from_config(&cfg) {
         Ok(h) => h,
@@ -61,7 +54,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            run(cfg, once)
+            run(cfg, once, set_level)
         }
         Command::Webhook {
             command: WebhookCommand::Replay { dead, ids },
@@ -136,7 +129,34 @@ fn detach(pidfile: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(cfg: Config, once: bool) -> anyhow::Result<u8> {
+/// Logs to stderr; `$TTSPOOL_LOG` wins over `log.level`, which a reload
+/// can change (unless `$TTSPOOL_LOG` is set).
+fn init_logging(level: &str) -> ttspool::daemon::SetLogLevel {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let from_env = EnvFilter::try_from_env("TTSPOOL_LOG").ok();
+    let pinned = from_env.is_some();
+    let filter = from_env
+        .unwrap_or_else(|| EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")));
+    let (layer, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    Box::new(move |level: &str| {
+        if pinned {
+            return Ok(());
+        }
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+fn run(cfg: Config, once: bool, set_level: ttspool::daemon::SetLogLevel) -> anyhow::Result<u8> {
     // One thread: children are spawned from the main thread, which lives as
     // long as the daemon, so PR_SET_PDEATHSIG fires only when the daemon dies.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -161,7 +181,7 @@ fn run(cfg: Config, once: bool) -> anyhow::Result<u8> {
                 }
             }
         });
-        daemon::run(cfg, Options { once }, rx).await
+        daemon::run(cfg, Options { once, set_level }, rx).await
     })?;
     Ok(0)
 }

@@ -147,6 +147,24 @@ impl Scheduler {
         Next::Start(self.slots[free].0.clone(), works)
     }
 
+    /// New slots after a config reload. Slots that stay keep their state; a
+    /// busy slot that is gone finishes its batch and is then forgotten.
+    pub fn set_slots(&mut self, slots: Vec<Slot>) {
+        let busy: Vec<Slot> = self
+            .slots
+            .iter()
+            .filter(|(_, b)| *b)
+            .map(|(s, _)| s.clone())
+            .collect();
+        self.slots = slots
+            .into_iter()
+            .map(|s| {
+                let b = busy.contains(&s);
+                (s, b)
+            })
+            .collect();
+    }
+
     /// The output of a task that will not run after all (skipped).
     pub fn release_output(&mut self, output: &PathBuf) {
         self.writing.remove(output);

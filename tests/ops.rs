@@ -147,3 +147,102 @@ fn daemonize_with_a_pidfile_refuses_a_second_and_takes_over_a_stale_one() {
         !std::path::Path::new(&format!("/proc/{pid2}")).exists()
     });
 }
+
+fn daemon_log(env: &Env, instance: &str) -> String {
+    std::fs::read_to_string(env.root().join(format!("daemon-{instance}.log"))).unwrap_or_default()
+}
+
+fn sighup(child: &std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
+    let mut env = Env::new("[gpu]\nmax_parallel = 1\n");
+    let mut d = env.spawn("a");
+    wait_until(10, "started", || {
+        daemon_log(&env, "a").contains("ttspool started")
+    });
+    // A broken config is refused; the daemon keeps running on the old one.
+    let cfg = env.instance_config("a");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    assert!(good.contains("max_parallel = 1"));
+    std::fs::write(&cfg, good.replace("max_parallel = 1", "max_paralel = 3")).unwrap();
+    sighup(&d);
+    wait_until(10, "the refusal", || {
+        daemon_log(&env, "a").contains("config reload refused")
+    });
+    assert!(daemon_log(&env, "a").contains("max_paralel"));
+    // A good one: 3 slots now, and a key that needs a restart is named.
+    env.extra = "[gpu]\nmax_parallel = 3\n".into();
+    env.spool_extra = "settle = \"5s\"".into();
+    env.instance_config("a");
+    sighup(&d);
+    wait_until(10, "the reload", || {
+        daemon_log(&env, "a").contains("config reloaded")
+    });
+    let log = daemon_log(&env, "a");
+    assert!(
+        log.contains("need a restart") && log.contains("spool.settle"),
+        "{log}"
+    );
+    let content: String = (0..6)
+        .map(|i| task_line(&format!("s{i}"), "SLOW"))
+        .collect();
+    env.drop_file("slow.jsonl", &content);
+    wait_until(30, "three tasks at once, or a record", || {
+        env.starts().len() >= 3 || env.records() > 0
+    });
+    assert!(
+        env.starts().len() >= 3,
+        "only {} ran at once after the reload",
+        env.starts().len()
+    );
+    wait_until(60, "all six", || env.records() == 6);
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(repo.join("systemd/ttspool.service")).unwrap();
+    assert!(
+        unit.contains("Type=notify")
+            && unit.contains("WatchdogSec=")
+            && unit.contains("KillMode=mixed")
+    );
+    assert!(!unit.contains("PrivateDevices"), "CUDA needs /dev/nvidia*");
+    // TimeoutStopSec must outlast shutdown.grace (30s by default).
+    let stop: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(|v| v.trim_end_matches('s').parse().ok())
+        .unwrap();
+    assert!(stop > 30);
+    // systemd-analyze wants the ExecStart binary to exist: point it at ours.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ttspool.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/ttspool", BIN)).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains("ttspool.service:"),
+        "warnings about the unit: {err}"
+    );
+    // The installer at least parses.
+    let st = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(repo.join("systemd/install.sh"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+}

@@ -229,6 +229,8 @@ pub enum Cmd {
     Segment(PathBuf),
     /// Load every segment of our folder not loaded yet (after an adoption).
     Rescan,
+    /// New settings after a config reload (secrets, headers, schedule, ...).
+    Settings(Arc<Settings>),
 }
 
 /// The daemon's handle on the delivery loop.
@@ -272,7 +274,7 @@ pub fn spawn(
 }
 
 async fn run(
-    s: Arc<Settings>,
+    mut s: Arc<Settings>,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     outcomes: std::sync::mpsc::Sender<Outcome>,
     instance: String,
@@ -280,7 +282,7 @@ async fn run(
     busy: tokio::sync::watch::Sender<bool>,
     horizon: Duration,
 ) {
-    let client = client(&s);
+    let mut client = client(&s);
     let mut heap: BinaryHeap<Reverse<Queued>> = BinaryHeap::new();
     let mut parked: HashMap<String, VecDeque<Queued>> = HashMap::new();
     let mut per_host: HashMap<String, usize> = HashMap::new();
@@ -349,6 +351,10 @@ async fn run(
                     }
                 }
                 Some(Cmd::Segment(p)) => load(&p, &mut remaining, &mut heap, &mut seq),
+                Some(Cmd::Settings(new)) => {
+                    client = self::client(&new);
+                    s = new;
+                }
                 None => return,
             },
             Some((mut q, msg, host, a)) = done_rx.recv() => {
