@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_ttspool");
 const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
+/// First and last request times.
+type Span = Arc<Mutex<(Option<Instant>, Option<Instant>)>>;
+
 /// A minimal HTTP/1.1 keep-alive receiver that answers 200 to every POST.
-fn receiver() -> (
-    u16,
-    Arc<AtomicUsize>,
-    Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
-) {
+fn receiver() -> (u16, Arc<AtomicUsize>, Span) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let count = Arc::new(AtomicUsize::new(0));

@@ -215,7 +215,10 @@ fn the_systemd_unit_verifies() {
             && unit.contains("WatchdogSec=")
             && unit.contains("KillMode=mixed")
     );
-    assert!(!unit.contains("PrivateDevices"), "CUDA needs /dev/nvidia*");
+    assert!(
+        !unit.lines().any(|l| l.starts_with("PrivateDevices")),
+        "CUDA needs /dev/nvidia*"
+    );
     // TimeoutStopSec must outlast shutdown.grace (30s by default).
     let stop: u64 = unit
         .lines()
