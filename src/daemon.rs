@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::engine::{self, Engine, Job, Outcome, Slot};
+use crate::metrics::Metrics;
 use crate::scheduler::{backoff, ClaimRef, Next, Scheduler, Work};
 use crate::spool::claim::{self, Batch, ClaimError, Claimed, Claimer, Held, HeldSet};
 use crate::spool::lines::{Line, RAW_KEEP};
@@ -105,6 +106,7 @@ pub struct Daemon {
     /// Webhooks are being delivered or due soon (`--once` waits for them).
     webhooks_busy: bool,
     webhooks: Webhooks,
+    metrics: Arc<Metrics>,
     /// Lines to claim at once when claims yield no engine work (all skipped
     /// or invalid): grows so a backlog of skips is not throttled by per-claim
     /// fsyncs; back to the slot count as soon as a claim brings real work, so
@@ -168,12 +170,22 @@ pub async fn run(
             "recovered webhook messages written before a crash"
         );
     }
+    let metrics = Arc::new(Metrics::default());
+    metrics.set_slots(&engine::slots(&cfg));
+    if let Some(addr) = &cfg.metrics.listen {
+        let addr: std::net::SocketAddr = addr.parse()?;
+        crate::metrics::serve(addr, metrics.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {}", crate::util::io_msg(&e)))?;
+        info!(%addr, "serving Prometheus metrics on /metrics");
+    }
     let hooks = deliver::spawn(
         settings.clone(),
         spool.clone(),
         outbox.clone(),
         cfg.spool.instance.clone(),
         cfg.shutdown.grace.0,
+        metrics.clone(),
     );
     let webhooks = Webhooks {
         settings: Arc::new(std::sync::RwLock::new(settings.clone())),
@@ -224,6 +236,7 @@ pub async fn run(
         claiming: false,
         webhooks_busy: false,
         webhooks,
+        metrics,
         burst: 0,
         avg_run_ms: 1000,
         wake: None,
@@ -321,6 +334,10 @@ impl Daemon {
                 started_at,
             } => {
                 self.sched.finish(&slot, &works);
+                self.metrics.slot_finished(&slot);
+                self.metrics
+                    .in_flight
+                    .fetch_sub(works.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 self.dirty = true;
                 let n = works.len();
                 let mut again = Vec::new();
@@ -343,6 +360,20 @@ impl Daemon {
                     self.uncommitted -= 1;
                     let c = rec.common();
                     if written {
+                        let (kind, run) = match &rec {
+                            Record::Done {
+                                skipped: false,
+                                run_ms,
+                                ..
+                            } => (None, Some(Duration::from_millis(*run_ms))),
+                            Record::Done { .. } => (None, None),
+                            Record::Failed { kind, attempts, .. } => (
+                                Some(kind.as_str()),
+                                (*attempts > 0).then_some(Duration::ZERO),
+                            ),
+                        };
+                        self.metrics
+                            .record(rec.status(), kind, run.filter(|d| !d.is_zero()));
                         info!(id = %c.id, trace_id = %c.trace_id, stage = rec.status(), file = %c.source.file, line = c.source.line, "{}", describe(&rec));
                     } else {
                         warn!(id = %c.id, trace_id = %c.trace_id, "record dropped: another daemon took over this claim meanwhile");
@@ -497,7 +528,18 @@ impl Daemon {
         let c = self.claimer.clone();
         let tx = self.tx.clone();
         let w = self.webhooks.clone();
+        let metrics = self.metrics.clone();
+        let max_line = self.cfg.limits.max_line_bytes;
+        let textfile = self.cfg.metrics.textfile.clone();
+        let retention = self.cfg.retention.consumed.map(|d| d.0);
         tokio::task::spawn_blocking(move || {
+            refresh_gauges(
+                &Spool::new(&w.spool_root),
+                max_line,
+                &metrics,
+                textfile.as_deref(),
+                retention,
+            );
             let mut claimer = c.lock().expect("claimer");
             let res = claimer.take_over();
             // Webhooks of a dead daemon: adopt its outbox folder.
@@ -729,6 +771,7 @@ impl Daemon {
         self.engine = Arc::new(Engine::from_config(&new));
         self.rules = TaskRules::from_config(&new);
         self.sched.set_slots(engine::slots(&new));
+        self.metrics.set_slots(&engine::slots(&new));
         let settings = Arc::new(settings);
         *self.webhooks.settings.write().expect("settings") = settings.clone();
         let _ = self.webhooks.tx.send(deliver::Cmd::Settings(settings));
@@ -763,6 +806,10 @@ impl Daemon {
             w.attempts += 1;
             info!(id = %w.job.task.id, trace_id = %w.job.trace_id, stage = "started", slot = slot.index, gpu = ?slot.device, attempt = w.attempts, "started");
         }
+        self.metrics.slot_started(&slot);
+        self.metrics
+            .in_flight
+            .fetch_add(works.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let engine = self.engine.clone();
         let tx = self.tx.clone();
         let cancel = self.cancel.subscribe();
@@ -941,6 +988,45 @@ fn guess_id(bytes: &[u8]) -> Option<String> {
         .or_else(|| v.get("uttid"))?
         .as_str()?;
     (!s.is_empty() && s.len() <= 200).then(|| s.to_string())
+}
+
+/// Heartbeat housekeeping: pending-line gauges, the metrics textfile, and
+/// deleting consumed inputs older than `retention.consumed`.
+fn refresh_gauges(
+    spool: &Spool,
+    max_line: usize,
+    metrics: &Metrics,
+    textfile: Option<&std::path::Path>,
+    retention: Option<Duration>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if let Ok(s) = claim::summary(spool, max_line) {
+        metrics.pending_lines.store(s.pending_lines, Relaxed);
+        let age = s
+            .oldest_pending
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(u64::MAX);
+        metrics.oldest_pending_secs.store(age, Relaxed);
+    }
+    if let Some(path) = textfile {
+        if let Err(e) = crate::util::atomic_write(path, metrics.render().as_bytes()) {
+            warn!(
+                "cannot write metrics.textfile {}: {}",
+                path.display(),
+                crate::util::io_msg(&e)
+            );
+        }
+    }
+    if let Some(keep) = retention {
+        let n = crate::retention::prune_consumed(spool, keep);
+        if n > 0 {
+            info!(
+                files = n,
+                "deleted consumed input files older than retention.consumed"
+            );
+        }
+    }
 }
 
 /// What the record committer needs to queue webhooks.

@@ -249,3 +249,108 @@ fn the_systemd_unit_verifies() {
         .unwrap();
     assert!(st.success());
 }
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// `name{labels}` → value, from the Prometheus text format.
+fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (
+                k.to_string(),
+                v.parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad value in {l:?}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_are_served_and_match_the_records() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::new(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\ntextfile = \"metrics.prom\"\n"
+    ));
+    std::fs::create_dir_all(env.out()).unwrap();
+    std::fs::write(env.out().join("old.wav"), tiny_wav()).unwrap();
+    let lines = task_line("m1", "x")
+        + &task_line("m2", "y")
+        + &task_line("old", "skip me")
+        + &task_line("bad", "EXIT1")
+        + "{\"nope\":1}\n";
+    env.drop_file("m.jsonl", &lines);
+    let mut d = env.spawn("a");
+    wait_until(60, "5 records", || env.records() == 5);
+    wait_until(10, "the metrics to count them", || {
+        parse_metrics(&scrape(port)).get("ttspool_tasks_total{status=\"failed\"}") == Some(&2.0)
+    });
+    let m = parse_metrics(&scrape(port));
+    for name in [
+        "ttspool_tasks_total{status=\"completed\"}",
+        "ttspool_tasks_total{status=\"skipped\"}",
+        "ttspool_tasks_total{status=\"failed\"}",
+        "ttspool_task_failures_total{kind=\"engine_failed\"}",
+        "ttspool_task_failures_total{kind=\"invalid_task\"}",
+        "ttspool_tasks_in_flight",
+        "ttspool_pending_lines",
+        "ttspool_oldest_pending_seconds",
+        "ttspool_slot_busy_seconds_total{device=\"none\"}",
+        "ttspool_slot_busy_ratio{device=\"none\"}",
+        "ttspool_task_run_seconds_bucket{le=\"+Inf\"}",
+        "ttspool_task_run_seconds_count",
+        "ttspool_task_run_seconds_sum",
+        "ttspool_webhooks_total{status=\"delivered\"}",
+        "ttspool_webhook_outbox_messages",
+        "ttspool_start_time_seconds",
+    ] {
+        assert!(m.contains_key(name), "{name} missing");
+    }
+    let done = env.done();
+    let count = |st: &str| {
+        done.iter()
+            .chain(env.failed().iter())
+            .filter(|r| r["status"] == st)
+            .count() as f64
+    };
+    assert_eq!(
+        m["ttspool_tasks_total{status=\"completed\"}"],
+        count("completed")
+    );
+    assert_eq!(
+        m["ttspool_tasks_total{status=\"skipped\"}"],
+        count("skipped")
+    );
+    assert_eq!(m["ttspool_tasks_total{status=\"failed\"}"], count("failed"));
+    assert_eq!(
+        m["ttspool_task_failures_total{kind=\"engine_failed\"}"],
+        1.0
+    );
+    assert_eq!(m["ttspool_task_failures_total{kind=\"invalid_task\"}"], 1.0);
+    assert_eq!(m["ttspool_tasks_in_flight"], 0.0);
+    assert_eq!(
+        m["ttspool_task_run_seconds_count"], 2.0,
+        "two engine runs completed"
+    );
+    wait_until(10, "the textfile", || {
+        env.root().join("metrics.prom").exists()
+    });
+    let tf = std::fs::read_to_string(env.root().join("metrics.prom")).unwrap();
+    assert!(tf.contains("# TYPE ttspool_tasks_total counter"));
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+}

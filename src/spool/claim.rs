@@ -864,6 +864,9 @@ pub struct Summary {
     pub pending_lines: u64,
     pub in_flight: u64,
     pub in_flight_by_instance: BTreeMap<String, u64>,
+    /// Modification time of the oldest file that still has unclaimed lines.
+    #[serde(skip)]
+    pub oldest_pending: Option<SystemTime>,
 }
 
 /// Counts unclaimed lines (streaming) and claimed-but-unrecorded ones.
@@ -884,10 +887,14 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
         };
         let offset = if cur.offset > e.size { 0 } else { cur.offset };
         let mut r = LineReader::open(f, offset, cur.line, max_line_bytes)?;
+        let before = s.pending_lines;
         while let Next::Line(l) = r.next(true)? {
             if !l.is_blank() {
                 s.pending_lines += 1;
             }
+        }
+        if s.pending_lines > before && s.oldest_pending.is_none_or(|t| e.mtime < t) {
+            s.oldest_pending = Some(e.mtime);
         }
     }
     if let Ok(rd) = fs::read_dir(spool.files()) {

@@ -259,6 +259,7 @@ pub fn spawn(
     outbox: Arc<Outbox>,
     instance: String,
     horizon: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (otx, orx) = std::sync::mpsc::channel::<Outcome>();
@@ -269,7 +270,9 @@ pub fn spawn(
         .spawn(move || outcome_writer(sp, orx))
         .expect("thread");
     let _ = tx.send(Cmd::Rescan);
-    tokio::spawn(run(settings, rx, otx, instance, outbox, btx, horizon));
+    tokio::spawn(run(
+        settings, rx, otx, instance, outbox, btx, horizon, metrics,
+    ));
     Handle { tx, busy: brx }
 }
 
@@ -281,6 +284,7 @@ async fn run(
     outbox: Arc<Outbox>,
     busy: tokio::sync::watch::Sender<bool>,
     horizon: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let mut client = client(&s);
     let mut heap: BinaryHeap<Reverse<Queued>> = BinaryHeap::new();
@@ -340,6 +344,10 @@ async fn run(
             || parked.values().any(|v| !v.is_empty())
             || next_at.is_some_and(|t| t <= Instant::now() + horizon);
         busy.send_if_modified(|b| std::mem::replace(b, now_busy) != now_busy);
+        let waiting = heap.len() + in_flight + parked.values().map(VecDeque::len).sum::<usize>();
+        metrics
+            .outbox
+            .store(waiting as u64, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(Cmd::Rescan) => {
@@ -410,6 +418,12 @@ async fn run(
                         }
                     }
                 };
+                if let Some(st) = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v["status"].as_str().map(String::from))
+                {
+                    metrics.webhook(&st);
+                }
                 let seg_done = settle(&mut remaining, &q.entry.seg);
                 let _ = outcomes.send(Outcome { line, dead, seg: q.entry.seg.clone(), idx: q.entry.idx, seg_done });
             }
