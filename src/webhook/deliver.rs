@@ -271,21 +271,41 @@ pub fn spawn(
         .expect("thread");
     let _ = tx.send(Cmd::Rescan);
     tokio::spawn(run(
-        settings, rx, otx, instance, outbox, btx, horizon, metrics,
+        rx,
+        Ctx {
+            settings,
+            outcomes: otx,
+            instance,
+            outbox,
+            busy: btx,
+            horizon,
+            metrics,
+        },
     ));
     Handle { tx, busy: brx }
 }
 
-async fn run(
-    mut s: Arc<Settings>,
-    mut rx: mpsc::UnboundedReceiver<Cmd>,
+/// What the delivery loop works with.
+struct Ctx {
+    settings: Arc<Settings>,
     outcomes: std::sync::mpsc::Sender<Outcome>,
     instance: String,
     outbox: Arc<Outbox>,
     busy: tokio::sync::watch::Sender<bool>,
     horizon: Duration,
     metrics: Arc<crate::metrics::Metrics>,
-) {
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, ctx: Ctx) {
+    let Ctx {
+        settings: mut s,
+        outcomes,
+        instance,
+        outbox,
+        busy,
+        horizon,
+        metrics,
+    } = ctx;
     let mut client = client(&s);
     let mut heap: BinaryHeap<Reverse<Queued>> = BinaryHeap::new();
     let mut parked: HashMap<String, VecDeque<Queued>> = HashMap::new();
