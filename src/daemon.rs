@@ -160,7 +160,10 @@ pub async fn run(
     })?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
-    let log = RecordLog::new(&spool);
+    let log = RecordLog::new(&spool).with_rotation(
+        cfg.retention.rotate_size.map(|s| s.0),
+        cfg.retention.rotate_daily,
+    );
     // The outbox: settle what a crash left, then deliver what is in it.
     let outbox = Arc::new(Outbox::open(&spool, &cfg.spool.instance)?);
     let recovered = outbox.recover(&log)?;
@@ -1100,6 +1103,9 @@ fn write_batch(
         crate::util::fsync_dir(d)?;
     }
     let _g = log.lock()?;
+    if log.maybe_rotate_locked()? {
+        info!("record logs rotated");
+    }
     let mut ours: HashMap<&PathBuf, bool> = HashMap::new();
     let mut done = Vec::new();
     let mut failed = Vec::new();
@@ -1126,7 +1132,7 @@ fn write_batch(
     let pending = if messages.is_empty() {
         None
     } else {
-        Some(webhooks.outbox.write(&messages, Some(log.sizes()))?)
+        Some(webhooks.outbox.write(&messages, Some(log.position()))?)
     };
     RecordLog::append_locked(&log.done, &done)?;
     RecordLog::append_locked(&log.failed, &failed)?;

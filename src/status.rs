@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::spool::claim::summary;
-use crate::spool::records::read_records;
+use crate::spool::records::RecordLog;
 use crate::spool::Spool;
 
 #[derive(Debug, Default, Serialize)]
@@ -39,26 +39,27 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
         in_flight_by_instance: s.in_flight_by_instance,
         ..Counts::default()
     };
-    for p in [spool.done_log(), spool.failed_log()] {
-        c.unreadable_record_lines += read_records(&p, 0, |r, _| match r.status.as_str() {
-            "completed" => c.completed += 1,
-            "skipped" => c.skipped += 1,
-            "failed" => {
-                c.failed += 1;
-                let kind = r
-                    .error
-                    .as_ref()
-                    .and_then(|e| e.get("kind"))
-                    .and_then(|k| k.as_str())
-                    .unwrap_or("unknown")
-                    .to_string();
-                *c.failed_by_kind.entry(kind).or_default() += 1;
-            }
-            _ => {}
-        })?;
-    }
-    let wlog = crate::webhook::deliver::webhooks_log(&spool);
-    if let Ok(f) = std::fs::File::open(&wlog) {
+    let log = RecordLog::new(&spool);
+    c.unreadable_record_lines = log.read_all(|r, _, _| match r.status.as_str() {
+        "completed" => c.completed += 1,
+        "skipped" => c.skipped += 1,
+        "failed" => {
+            c.failed += 1;
+            let kind = r
+                .error
+                .as_ref()
+                .and_then(|e| e.get("kind"))
+                .and_then(|k| k.as_str())
+                .unwrap_or("unknown")
+                .to_string();
+            *c.failed_by_kind.entry(kind).or_default() += 1;
+        }
+        _ => {}
+    })?;
+    for wlog in crate::webhook::deliver::webhooks_logs(&spool) {
+        let Ok(f) = std::fs::File::open(&wlog) else {
+            continue;
+        };
         use std::io::BufRead;
         for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
@@ -76,13 +77,11 @@ pub fn status(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> 
     let spool = Spool::new(&cfg.spool.dir);
     if let Some(id) = id {
         let mut found = Vec::new();
-        for p in [spool.done_log(), spool.failed_log()] {
-            read_records(&p, 0, |r, text| {
-                if r.id == id {
-                    found.push(text.to_string());
-                }
-            })?;
-        }
+        RecordLog::new(&spool).read_all(|r, text, _| {
+            if r.id == id {
+                found.push(text.to_string());
+            }
+        })?;
         if found.is_empty() {
             eprintln!(
                 "ttspool: no record for task id {id:?} in {}",

@@ -67,6 +67,12 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// Today's date in UTC, `YYYY-MM-DD`.
+pub fn today_utc() -> String {
+    let d = time::OffsetDateTime::now_utc().date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
 /// Keeps the last `cap` bytes written to it.
 #[derive(Debug, Default, Clone)]
 pub struct Tail {

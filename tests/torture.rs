@@ -24,7 +24,8 @@ impl Rng {
 
 #[test]
 fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let env = Env::new("[gpu]\nmax_parallel = 2\n");
+    // Tiny log rotation, so takeovers also have to look across rotated logs.
+    let env = Env::new("[gpu]\nmax_parallel = 2\n[retention]\nrotate_size = \"16KB\"\n");
     let content: String = (0..500)
         .map(|i| task_line(&format!("t{i}"), "text"))
         .collect();
@@ -52,13 +53,27 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     }
     let total = 500 + appended;
     let mut d = env.spawn("solo");
-    wait_until(240, "all records", || env.records() >= total);
+    let count = || env.all("done").len() + env.all("failed").len();
+    wait_until(240, "all records", || count() >= total);
     sigterm(&d);
     assert!(d.wait().unwrap().success());
 
-    let done = env.done();
-    let failed = env.failed();
+    let done = env.all("done");
+    let failed = env.all("failed");
     assert!(failed.is_empty(), "{:#?}", failed.first());
+    let rotated = std::fs::read_dir(env.spool())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("done.e"))
+        .count();
+    assert!(rotated >= 5, "only {rotated} rotations");
+    // status counts across the rotated logs.
+    let st = env.cmd(&["status", "--json"]).output().unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(
+        st["completed"].as_u64().unwrap() + st["skipped"].as_u64().unwrap(),
+        total as u64
+    );
     let mut per_line: HashMap<(String, u64), usize> = HashMap::new();
     for r in &done {
         let key = (

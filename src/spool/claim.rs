@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::lines::{Line, LineReader, Next};
-use super::records::{read_records, RecordLog};
+use super::records::{Pos, RecordLog};
 use super::scan::{scan, Entry};
 use super::Spool;
 use crate::util::{atomic_write, create_exclusive, fsync_dir};
@@ -84,10 +84,10 @@ pub struct Cursor {
     pub offset: u64,
     /// Lines before `offset`.
     pub line: u64,
-    /// Sizes of done.jsonl / failed.jsonl when the file was first claimed
-    /// from: its records come after, which bounds counting them.
+    /// Where the record logs ended when the file was first claimed from:
+    /// its records come after, which bounds counting them.
     #[serde(default)]
-    pub since: Option<(u64, u64)>,
+    pub since: Option<Pos>,
 }
 
 /// A claimed range of lines, as stored in its lease file.
@@ -105,9 +105,9 @@ pub struct LeaseDoc {
     pub end_line: u64,
     /// Lines in the range that need a record (blank lines do not).
     pub lines: Vec<u64>,
-    /// Sizes of done.jsonl / failed.jsonl when claimed: its records come later.
-    pub done_len: u64,
-    pub failed_len: u64,
+    /// Where the record logs ended when claimed: its records come later.
+    #[serde(default)]
+    pub pos: Pos,
     /// Handed back by a daemon that stopped: anyone may take it at once.
     #[serde(default)]
     pub released: bool,
@@ -386,7 +386,7 @@ impl Claimer {
         let cursor_path = dir.join("cursor");
         let mut cur = read_cursor(&cursor_path)?;
         if cur.since.is_none() {
-            cur.since = Some(self.log.sizes());
+            cur.since = Some(self.log.position());
         }
         let size = md.len();
         if size < cur.offset {
@@ -447,7 +447,7 @@ impl Claimer {
             )?;
             return Ok(0);
         }
-        let (done_len, failed_len) = self.log.sizes();
+        let pos = self.log.position();
         let doc = LeaseDoc {
             instance: self.instance.clone(),
             token: ulid::Ulid::new().to_string(),
@@ -460,8 +460,7 @@ impl Claimer {
             end_off,
             end_line,
             lines: lines.iter().map(Line::no).collect(),
-            done_len,
-            failed_len,
+            pos,
             released: false,
         };
         let lease_path = dir.join(format!("lease-{}-{:012}", cur.gen, cur.line + 1));
@@ -562,7 +561,6 @@ impl Claimer {
     fn file_done(&self, e: &Entry, dir: &Path) -> Result<FileDone, ClaimError> {
         let key = e.key();
         let cur = read_cursor(&dir.join("cursor"))?;
-        let (d0, f0) = cur.since.unwrap_or((0, 0));
         let prefix = format!("{key}#");
         let mut done = FileDone {
             file: e.name.clone(),
@@ -571,8 +569,8 @@ impl Claimer {
             skipped: 0,
             failed: 0,
         };
-        for (p, from) in [(&self.log.done, d0), (&self.log.failed, f0)] {
-            read_records(p, from, |r, _| {
+        self.log
+            .read_since(cur.since.unwrap_or_default(), |r, _, _| {
                 if r.file_id.starts_with(&prefix) {
                     match r.status.as_str() {
                         "completed" => done.completed += 1,
@@ -581,8 +579,7 @@ impl Claimer {
                     }
                 }
             })
-            .map_err(io_err("read", p))?;
-        }
+            .map_err(io_err("read", &self.log.done))?;
         Ok(done)
     }
 
@@ -701,17 +698,13 @@ impl Claimer {
         let mut recorded = HashSet::new();
         {
             let _g = self.log.lock().map_err(io_err("lock", &self.log.lock))?;
-            for (p, from) in [
-                (&self.log.done, doc.done_len),
-                (&self.log.failed, doc.failed_len),
-            ] {
-                read_records(p, from, |r, _| {
+            self.log
+                .read_since(doc.pos, |r, _, _| {
                     if r.file_id == file_id {
                         recorded.insert(r.source.line);
                     }
                 })
-                .map_err(io_err("read", p))?;
-            }
+                .map_err(io_err("read", &self.log.done))?;
         }
         let todo: Vec<u64> = doc
             .lines

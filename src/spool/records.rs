@@ -181,12 +181,33 @@ impl Record {
     }
 }
 
+/// A point in the record logs: records appended later come after it, even
+/// across rotations (each rotation starts a new epoch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pos {
+    #[serde(default)]
+    pub epoch: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
 /// The two logs and the lock that serializes appends across daemons.
+///
+/// Rotation (by size, or at the first write of a new UTC day) happens under
+/// the records lock: `done.jsonl` becomes `done.e<epoch>.<date>.jsonl` (and
+/// `failed.jsonl` likewise), then `.ttspool/records.epoch` moves to the next
+/// epoch. Readers go through [`RecordLog::read_since`], which reads rotated
+/// files of later epochs from their start, so a position taken before a
+/// rotation still finds every record written after it.
 #[derive(Debug, Clone)]
 pub struct RecordLog {
     pub done: PathBuf,
     pub failed: PathBuf,
     pub lock: PathBuf,
+    root: PathBuf,
+    epoch_file: PathBuf,
+    rotate_size: Option<u64>,
+    rotate_daily: bool,
 }
 
 impl RecordLog {
@@ -195,7 +216,127 @@ impl RecordLog {
             done: spool.done_log(),
             failed: spool.failed_log(),
             lock: spool.records_lock(),
+            root: spool.root.clone(),
+            epoch_file: spool.state().join("records.epoch"),
+            rotate_size: None,
+            rotate_daily: false,
         }
+    }
+
+    /// Rotates past `size` bytes, and/or daily.
+    pub fn with_rotation(mut self, size: Option<u64>, daily: bool) -> RecordLog {
+        self.rotate_size = size;
+        self.rotate_daily = daily;
+        self
+    }
+
+    /// (epoch, the UTC date it began).
+    fn epoch(&self) -> (u64, Option<String>) {
+        let text = std::fs::read_to_string(&self.epoch_file).unwrap_or_default();
+        let mut it = text.split_whitespace();
+        let e = it.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+        (e, it.next().map(str::to_string))
+    }
+
+    /// Where the logs end now.
+    pub fn position(&self) -> Pos {
+        let (epoch, _) = self.epoch(); // first: a rotation in between only makes readers read more
+        let (done, failed) = self.sizes();
+        Pos {
+            epoch,
+            done,
+            failed,
+        }
+    }
+
+    fn rotated_name(kind: &str, epoch: u64, date: &str) -> String {
+        format!("{kind}.e{epoch:06}.{date}.jsonl")
+    }
+
+    /// Rotated files of `kind` ("done" / "failed") with their epochs, oldest first.
+    pub fn rotated(&self, kind: &str) -> Vec<(u64, PathBuf)> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&self.root) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix(&format!("{kind}.e")) else {
+                    continue;
+                };
+                if !name.ends_with(".jsonl") {
+                    continue;
+                }
+                if let Some(ep) = rest.split('.').next().and_then(|n| n.parse().ok()) {
+                    out.push((ep, e.path()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Reads every record written after `pos` (and possibly some before),
+    /// rotated files included. `f` gets the record, its JSON, and whether it
+    /// is from the done log. Returns the count of unreadable lines.
+    pub fn read_since(
+        &self,
+        pos: Pos,
+        mut f: impl FnMut(StoredRecord, &str, bool),
+    ) -> io::Result<u64> {
+        let (current, _) = self.epoch();
+        let mut bad = 0;
+        for (kind, path, from, is_done) in [
+            ("done", &self.done, pos.done, true),
+            ("failed", &self.failed, pos.failed, false),
+        ] {
+            for (ep, p) in self.rotated(kind) {
+                if ep >= pos.epoch {
+                    let start = if ep == pos.epoch { from } else { 0 };
+                    bad += read_records(&p, start, |r, t| f(r, t, is_done))?;
+                }
+            }
+            let start = if current == pos.epoch { from } else { 0 };
+            bad += read_records(path, start, |r, t| f(r, t, is_done))?;
+        }
+        Ok(bad)
+    }
+
+    /// Every record, rotated files included.
+    pub fn read_all(&self, f: impl FnMut(StoredRecord, &str, bool)) -> io::Result<u64> {
+        self.read_since(Pos::default(), f)
+    }
+
+    /// Rotates if a log is past the size limit or the day changed. The
+    /// caller holds [`RecordLog::lock`]. Also finishes a rotation that a
+    /// crash interrupted.
+    pub fn maybe_rotate_locked(&self) -> io::Result<bool> {
+        let today = crate::util::today_utc();
+        let (epoch, date) = self.epoch();
+        let Some(date) = date else {
+            crate::util::atomic_write(&self.epoch_file, format!("{epoch} {today}\n").as_bytes())?;
+            return Ok(false);
+        };
+        let rot = |kind: &str| self.root.join(Self::rotated_name(kind, epoch, &date));
+        let interrupted = rot("done").exists() || rot("failed").exists();
+        let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let big = self
+            .rotate_size
+            .is_some_and(|max| len(&self.done) > max || len(&self.failed) > max);
+        let new_day =
+            self.rotate_daily && date != today && (len(&self.done) > 0 || len(&self.failed) > 0);
+        if !(interrupted || big || new_day) {
+            return Ok(false);
+        }
+        for (kind, cur) in [("done", &self.done), ("failed", &self.failed)] {
+            if cur.exists() && !rot(kind).exists() {
+                std::fs::rename(cur, rot(kind))?;
+            }
+        }
+        crate::util::fsync_dir(&self.root)?;
+        crate::util::atomic_write(
+            &self.epoch_file,
+            format!("{} {today}\n", epoch + 1).as_bytes(),
+        )?;
+        Ok(true)
     }
 
     /// Takes the append lock; records written while it is held are not

@@ -265,9 +265,10 @@ pub fn spawn(
     let (otx, orx) = std::sync::mpsc::channel::<Outcome>();
     let (btx, brx) = tokio::sync::watch::channel(false);
     let sp = spool.clone();
+    let rotate = settings.rotate_size;
     std::thread::Builder::new()
         .name("ttspool-webhooks".into())
-        .spawn(move || outcome_writer(sp, orx))
+        .spawn(move || outcome_writer(sp, orx, rotate))
         .expect("thread");
     let _ = tx.send(Cmd::Rescan);
     tokio::spawn(run(
@@ -500,7 +501,7 @@ fn settle(remaining: &mut HashMap<Arc<PathBuf>, usize>, seg: &Arc<PathBuf>) -> b
 
 /// Appends outcomes to `webhooks.jsonl` (grouped, fsynced, under the
 /// webhooks lock), keeps dead messages for `webhook replay`, then acks.
-fn outcome_writer(spool: Spool, rx: std::sync::mpsc::Receiver<Outcome>) {
+fn outcome_writer(spool: Spool, rx: std::sync::mpsc::Receiver<Outcome>, rotate: Option<u64>) {
     let log = webhooks_log(&spool);
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -522,7 +523,7 @@ fn outcome_writer(spool: Spool, rx: std::sync::mpsc::Receiver<Outcome>) {
                 }
             }
         }
-        if let Err(e) = append_outcomes(&spool, &log, &lines) {
+        if let Err(e) = append_outcomes(&spool, &log, &lines, rotate) {
             warn!("cannot write {}: {e}", log.display());
         }
         let mut per_seg: HashMap<Arc<PathBuf>, Vec<u32>> = HashMap::new();
@@ -557,7 +558,12 @@ fn keep_dead(spool: &Spool, m: &Message) -> std::io::Result<()> {
     )
 }
 
-fn append_outcomes(spool: &Spool, log: &Path, lines: &[String]) -> std::io::Result<()> {
+fn append_outcomes(
+    spool: &Spool,
+    log: &Path,
+    lines: &[String],
+    rotate: Option<u64>,
+) -> std::io::Result<()> {
     if lines.is_empty() {
         return Ok(());
     }
@@ -567,7 +573,35 @@ fn append_outcomes(spool: &Spool, log: &Path, lines: &[String]) -> std::io::Resu
         .write(true)
         .open(spool.state().join("webhooks.lock"))?;
     lock.lock()?;
+    if let Some(max) = rotate {
+        if std::fs::metadata(log).is_ok_and(|m| m.len() > max) {
+            let to = spool.root.join(format!(
+                "webhooks.{}.{}.jsonl",
+                crate::util::today_utc(),
+                ulid::Ulid::new()
+            ));
+            std::fs::rename(log, to)?;
+        }
+    }
     crate::spool::records::RecordLog::append_locked(log, lines)
+}
+
+/// `webhooks.jsonl` and its rotated files, oldest first.
+pub fn webhooks_logs(spool: &Spool) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&spool.root)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let n = p.file_name().unwrap_or_default().to_string_lossy();
+                    n.starts_with("webhooks.") && n.ends_with(".jsonl") && n != "webhooks.jsonl"
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.push(webhooks_log(spool));
+    out
 }
 
 /// `ttspool webhook replay`: sends dead (or given) messages again, once
@@ -624,7 +658,7 @@ pub async fn replay(
             "finished_at": crate::util::now_rfc3339(), "replay": true,
         })
         .to_string();
-        append_outcomes(spool, &log, &[format!("{line}\n")])?;
+        append_outcomes(spool, &log, &[format!("{line}\n")], s.rotate_size)?;
         if status == "delivered" {
             ok += 1;
             let _ = std::fs::remove_file(dir.join(format!("{}.json", m.msg_id)));

@@ -63,6 +63,8 @@ pub struct Settings {
     pub guard: Arc<guard::Guard>,
     pub audio_base_url: Option<String>,
     pub max_in_flight: usize,
+    /// Rotate webhooks.jsonl past this size (retention.rotate_size).
+    pub rotate_size: Option<u64>,
 }
 
 impl Settings {
@@ -113,6 +115,7 @@ impl Settings {
             guard: Arc::new(guard::Guard::new(&w.allow_cidrs)),
             audio_base_url: w.audio_base_url.clone(),
             max_in_flight: w.max_in_flight,
+            rotate_size: cfg.retention.rotate_size.map(|s| s.0),
         })
     }
 

@@ -28,14 +28,14 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::Message;
-use crate::spool::records::{read_records, RecordLog};
+use crate::spool::records::{Pos, RecordLog};
 use crate::spool::Spool;
 use crate::util::fsync_dir;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Header {
-    done_len: u64,
-    failed_len: u64,
+    /// Where the record logs ended before this segment's records.
+    pos: Pos,
 }
 
 /// Where one undelivered message is: enough to read it again, little memory.
@@ -66,12 +66,10 @@ impl Outbox {
 
     /// Writes a segment. With `logs` (the record log sizes before the
     /// records are appended) it is `.pending` until [`Outbox::promote`].
-    pub fn write(&self, msgs: &[Message], logs: Option<(u64, u64)>) -> io::Result<PathBuf> {
+    pub fn write(&self, msgs: &[Message], logs: Option<Pos>) -> io::Result<PathBuf> {
         let name = ulid::Ulid::new().to_string();
-        let (done_len, failed_len) = logs.unwrap_or((0, 0));
         let mut body = serde_json::to_string(&Header {
-            done_len,
-            failed_len,
+            pos: logs.unwrap_or_default(),
         })
         .expect("header");
         body.push('\n');
@@ -115,14 +113,12 @@ impl Outbox {
             let mut present = HashSet::new();
             {
                 let _g = log.lock()?;
-                for (path, from) in [(&log.done, h.done_len), (&log.failed, h.failed_len)] {
-                    read_records(path, from, |r, _| {
-                        let k = (r.file_id.clone(), r.source.line);
-                        if wanted.contains(&k) {
-                            present.insert(k);
-                        }
-                    })?;
-                }
+                log.read_since(h.pos, |r, _, _| {
+                    let k = (r.file_id.clone(), r.source.line);
+                    if wanted.contains(&k) {
+                        present.insert(k);
+                    }
+                })?;
             }
             let keep: Vec<Message> = msgs
                 .into_iter()
@@ -306,7 +302,7 @@ mod tests {
         let log = RecordLog::new(&spool);
         let ob = Outbox::open(&spool, "a").unwrap();
         fs::write(&log.done, "{\"id\":\"old\",\"status\":\"completed\",\"source\":{\"file\":\"f\",\"line\":9},\"file_id\":\"k#0\"}\n").unwrap();
-        let sizes = log.sizes();
+        let sizes = log.position();
         let pending = ob
             .write(&[msg("k#0", 1), msg("k#0", 2)], Some(sizes))
             .unwrap();

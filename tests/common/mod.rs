@@ -249,6 +249,21 @@ impl Env {
     pub fn failed(&self) -> Vec<Value> {
         read_jsonl(&self.spool().join("failed.jsonl"))
     }
+    /// Records of `kind` ("done" / "failed") including rotated logs.
+    pub fn all(&self, kind: &str) -> Vec<Value> {
+        let mut files: Vec<PathBuf> = fs::read_dir(self.spool())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_string_lossy();
+                n.starts_with(&format!("{kind}.")) && n.ends_with(".jsonl")
+            })
+            .collect();
+        files.sort();
+        files.iter().flat_map(|f| read_jsonl(f)).collect()
+    }
+
     pub fn records(&self) -> usize {
         self.done().len() + self.failed().len()
     }
