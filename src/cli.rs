@@ -39,6 +39,21 @@ pub enum Command {
         /// Task files, or - for standard input.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// Wait until every submitted line has its record; exit 1 if any failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Put failed tasks back into pending/ as a new file (and log that in requeued.jsonl).
+    Requeue {
+        /// Every failed task not requeued yet.
+        #[arg(long, conflicts_with_all = ["kind", "ids"])]
+        all: bool,
+        /// Failed tasks of this error kind (e.g. timeout, engine_failed).
+        #[arg(long, value_name = "KIND", conflicts_with = "ids")]
+        kind: Option<String>,
+        /// Task ids.
+        #[arg(value_name = "ID", required_unless_present_any = ["all", "kind"])]
+        ids: Vec<String>,
     },
     /// Validate the config (and task files, if given).
     Check {
@@ -55,6 +70,9 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Refresh every 2 seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
         /// A task id.
         id: Option<String>,
     },

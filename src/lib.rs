@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod engine;
 pub mod metrics;
 pub mod process;
+pub mod requeue;
 pub mod retention;
 pub mod scheduler;
 pub mod spool;

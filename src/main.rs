@@ -59,9 +59,14 @@ fn main() -> ExitCode {
         Command::Webhook {
             command: WebhookCommand::Replay { dead, ids },
         } => replay(cfg, hooks, dead, ids),
-        Command::Submit { files } => ttspool::submit::submit(&cfg, &files),
+        Command::Submit { files, wait } => ttspool::submit::submit(&cfg, &files, wait),
+        Command::Requeue { all, kind, ids } => {
+            ttspool::requeue::requeue(&cfg, all, kind.as_deref(), &ids)
+        }
         Command::Check { files } => ttspool::check::check(&cfg, &files),
-        Command::Status { json, id } => ttspool::status::status(&cfg, json, id.as_deref()),
+        Command::Status { json, watch, id } => {
+            ttspool::status::status(&cfg, json, watch, id.as_deref())
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -27,12 +27,25 @@ pub struct Counts {
     pub webhooks: BTreeMap<String, u64>,
     /// Webhook messages not yet delivered (all daemons' outboxes).
     pub webhook_outbox: u64,
+    /// (completed + skipped) / all records; null before the first record.
+    pub success_rate: Option<f64>,
+    /// Records finished per minute over the last 5 minutes and the last hour.
+    pub tasks_per_min_5m: f64,
+    pub tasks_per_min_1h: f64,
+    /// Age in seconds of the oldest pending file that still has unclaimed lines.
+    pub oldest_pending_secs: Option<u64>,
 }
 
 pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
     let spool = Spool::new(&cfg.spool.dir);
     let s = summary(&spool, cfg.limits.max_line_bytes)?;
+    let now = time::OffsetDateTime::now_utc();
+    let (mut last5, mut last60) = (0u64, 0u64);
     let mut c = Counts {
+        oldest_pending_secs: s
+            .oldest_pending
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .map(|d| d.as_secs()),
         pending_files: s.pending_files,
         pending: s.pending_lines,
         in_flight: s.in_flight,
@@ -40,22 +53,40 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
         ..Counts::default()
     };
     let log = RecordLog::new(&spool);
-    c.unreadable_record_lines = log.read_all(|r, _, _| match r.status.as_str() {
-        "completed" => c.completed += 1,
-        "skipped" => c.skipped += 1,
-        "failed" => {
-            c.failed += 1;
-            let kind = r
-                .error
-                .as_ref()
-                .and_then(|e| e.get("kind"))
-                .and_then(|k| k.as_str())
-                .unwrap_or("unknown")
-                .to_string();
-            *c.failed_by_kind.entry(kind).or_default() += 1;
+    c.unreadable_record_lines = log.read_all(|r, _, _| {
+        if let Ok(t) = time::OffsetDateTime::parse(
+            &r.finished_at,
+            &time::format_description::well_known::Rfc3339,
+        ) {
+            let age = (now - t).whole_seconds();
+            if age <= 300 {
+                last5 += 1;
+            }
+            if age <= 3600 {
+                last60 += 1;
+            }
         }
-        _ => {}
+        match r.status.as_str() {
+            "completed" => c.completed += 1,
+            "skipped" => c.skipped += 1,
+            "failed" => {
+                c.failed += 1;
+                let kind = r
+                    .error
+                    .as_ref()
+                    .and_then(|e| e.get("kind"))
+                    .and_then(|k| k.as_str())
+                    .unwrap_or("unknown")
+                    .to_string();
+                *c.failed_by_kind.entry(kind).or_default() += 1;
+            }
+            _ => {}
+        }
     })?;
+    let all = c.completed + c.skipped + c.failed;
+    c.success_rate = (all > 0).then(|| (c.completed + c.skipped) as f64 / all as f64);
+    c.tasks_per_min_5m = last5 as f64 / 5.0;
+    c.tasks_per_min_1h = last60 as f64 / 60.0;
     for wlog in crate::webhook::deliver::webhooks_logs(&spool) {
         let Ok(f) = std::fs::File::open(&wlog) else {
             continue;
@@ -73,7 +104,24 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
     Ok(c)
 }
 
-pub fn status(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> {
+pub fn status(cfg: &Config, json: bool, watch: bool, id: Option<&str>) -> anyhow::Result<u8> {
+    if !watch || id.is_some() {
+        return status_once(cfg, json, id);
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        if tty {
+            print!("\x1b[2J\x1b[H"); // clear the screen, cursor home
+        }
+        status_once(cfg, json, None)?;
+        if !tty && !json {
+            println!("--");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+fn status_once(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> {
     let spool = Spool::new(&cfg.spool.dir);
     if let Some(id) = id {
         let mut found = Vec::new();
@@ -116,6 +164,19 @@ pub fn status(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8> 
     println!("completed  {}", c.completed);
     println!("skipped    {}", c.skipped);
     println!("failed     {}", c.failed);
+    if let Some(r) = c.success_rate {
+        println!("success    {:.1} %", r * 100.0);
+    }
+    println!(
+        "rate       {:.1}/min (5 min), {:.1}/min (1 h)",
+        c.tasks_per_min_5m, c.tasks_per_min_1h
+    );
+    if let Some(age) = c.oldest_pending_secs {
+        println!(
+            "oldest     pending line waiting {}",
+            humantime::format_duration(std::time::Duration::from_secs(age))
+        );
+    }
     for (k, n) in &c.failed_by_kind {
         println!("  {k:<20} {n}");
     }

@@ -50,7 +50,7 @@ pub fn validate_file(path: &Path, shown: &str, cfg: &Config) -> io::Result<Valid
     Ok(v)
 }
 
-pub fn submit(cfg: &Config, inputs: &[PathBuf]) -> anyhow::Result<u8> {
+pub fn submit(cfg: &Config, inputs: &[PathBuf], wait: bool) -> anyhow::Result<u8> {
     let spool = Spool::new(&cfg.spool.dir);
     let pending = spool.pending();
     fs::create_dir_all(&pending).with_context(|| format!("cannot create {}", pending.display()))?;
@@ -121,6 +121,7 @@ pub fn submit(cfg: &Config, inputs: &[PathBuf]) -> anyhow::Result<u8> {
         return Ok(1);
     }
     let mut total = 0;
+    let start = crate::spool::records::RecordLog::new(&spool).position();
     for (tmp, final_path, shown, tasks) in &staged {
         fs::rename(tmp, final_path)
             .with_context(|| format!("cannot publish {}", final_path.display()))?;
@@ -129,5 +130,72 @@ pub fn submit(cfg: &Config, inputs: &[PathBuf]) -> anyhow::Result<u8> {
     }
     fsync_dir(&pending).with_context(|| format!("cannot sync {}", pending.display()))?;
     println!("submitted {total} task(s) in {} file(s)", staged.len());
-    Ok(0)
+    if !wait {
+        return Ok(0);
+    }
+    let names: Vec<String> = staged
+        .iter()
+        .filter_map(|(_, p, ..)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    wait_for(&spool, start, &names, total)
+}
+
+/// Polls the record logs until every line of `files` has its record.
+fn wait_for(
+    spool: &Spool,
+    start: crate::spool::records::Pos,
+    files: &[String],
+    total: u64,
+) -> anyhow::Result<u8> {
+    let log = crate::spool::records::RecordLog::new(spool);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} ({elapsed})")
+                .expect("template"),
+        );
+        b
+    });
+    let mut last_print = std::time::Instant::now();
+    let mut last_n = u64::MAX;
+    loop {
+        let (mut completed, mut skipped, mut failed) = (0u64, 0u64, 0u64);
+        let mut seen = std::collections::HashSet::new();
+        log.read_since(start, |r, _, _| {
+            if files.contains(&r.source.file) && seen.insert((r.source.file.clone(), r.source.line))
+            {
+                match r.status.as_str() {
+                    "completed" => completed += 1,
+                    "skipped" => skipped += 1,
+                    _ => failed += 1,
+                }
+            }
+        })?;
+        let n = completed + skipped + failed;
+        let msg = format!("{completed} completed, {skipped} skipped, {failed} failed");
+        match &bar {
+            Some(b) => {
+                b.set_position(n);
+                b.set_message(msg.clone());
+            }
+            None => {
+                if n != last_n
+                    && (n >= total || last_print.elapsed() >= std::time::Duration::from_secs(2))
+                {
+                    eprintln!("{n}/{total} done: {msg}");
+                    last_print = std::time::Instant::now();
+                    last_n = n;
+                }
+            }
+        }
+        if n >= total {
+            if let Some(b) = &bar {
+                b.finish();
+            }
+            println!("all {total} task(s) finished: {msg}");
+            return Ok(if failed > 0 { 1 } else { 0 });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }

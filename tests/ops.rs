@@ -354,3 +354,132 @@ fn metrics_are_served_and_match_the_records() {
     sigterm(&d);
     assert!(d.wait().unwrap().success());
 }
+
+#[test]
+fn submit_wait_exits_0_when_all_succeed_and_1_when_any_fails() {
+    let env = Env::new("[retry]\nmax_attempts = 1\n");
+    let mut d = env.spawn("a");
+    let good = env.root().join("good.jsonl");
+    std::fs::write(&good, task_line("w1", "x") + &task_line("w2", "y")).unwrap();
+    let out = env.run(&["submit", "--wait", good.to_str().unwrap()], 60);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("all 2 task(s) finished: 2 completed, 0 skipped, 0 failed"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2/2 done"),
+        "plain progress lines without a TTY"
+    );
+    let bad = env.root().join("bad.jsonl");
+    std::fs::write(&bad, task_line("w3", "x") + &task_line("w4", "EXIT1")).unwrap();
+    let out = env.run(&["submit", "--wait", bad.to_str().unwrap()], 60);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 failed"));
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+}
+
+#[test]
+fn requeue_round_trip() {
+    let env = Env::new("[retry]\nmax_attempts = 1\n");
+    env.drop_file(
+        "a.jsonl",
+        &(task_line("q1", "FAILONCE") + &task_line("q2", "x") + "{\"broken\":true}\n"),
+    );
+    env.run_once();
+    assert_eq!(env.failed().len(), 2);
+    // Only the engine failure can run again; the broken line is reported.
+    let out = env
+        .cmd(&["requeue", "--kind", "engine_failed"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requeued 1 task(s)"));
+    let log = read_jsonl(&env.spool().join("requeued.jsonl"));
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["tasks"][0]["id"], "q1");
+    assert_eq!(log[0]["tasks"][0]["from"]["file"], "a.jsonl");
+    env.run_once();
+    let q1: Vec<_> = env.done().into_iter().filter(|r| r["id"] == "q1").collect();
+    assert_eq!(q1.len(), 1, "requeued task completed");
+    assert_eq!(q1[0]["source"]["file"], log[0]["file"]);
+    // Already requeued: nothing more (the broken line cannot be requeued).
+    let out = env.cmd(&["requeue", "--all"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to requeue"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not parse"));
+    let out = env.cmd(&["requeue", "nosuchid"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn rotation_keeps_status_right() {
+    let env = Env::new("[retention]\nrotate_size = \"1KB\"\n");
+    let content: String = (0..30).map(|i| task_line(&format!("r{i}"), "x")).collect();
+    env.drop_file("a.jsonl", &content);
+    env.run_once();
+    let rotated = std::fs::read_dir(env.spool())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("done.e"))
+        .count();
+    assert!(rotated >= 3, "{rotated} rotations");
+    let st = env.cmd(&["status", "--json"]).output().unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(s["completed"], 30);
+    assert_eq!(s["success_rate"], 1.0);
+    assert!(s["tasks_per_min_5m"].as_f64().unwrap() >= 6.0);
+    assert!(s.get("oldest_pending_secs").is_some());
+    // One task's records are found in a rotated log too.
+    let out = env.cmd(&["status", "r0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn status_watch_refreshes() {
+    let env = Env::new("");
+    let mut child = env
+        .cmd(&["status", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seps = 0;
+    let mut line = String::new();
+    while seps < 2 {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0);
+        if line.trim() == "--" {
+            seps += 1;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn old_consumed_inputs_are_deleted() {
+    let mut env = Env::new("[retention]\nconsumed = \"1s\"\n");
+    env.spool_extra = "settle = \"100ms\"".into();
+    env.write_config();
+    env.drop_file("a.jsonl", &task_line("c1", "x"));
+    let mut d = env.spawn("a");
+    let consumed = env.spool().join("pending/.consumed/a.jsonl");
+    wait_until(30, "the file consumed", || consumed.exists());
+    wait_until(30, "the consumed file deleted", || !consumed.exists());
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+    assert_eq!(env.done().len(), 1, "the records stay");
+}

@@ -395,6 +395,12 @@ pub struct StoredRecord {
     pub file_id: String,
     #[serde(default)]
     pub error: Option<Value>,
+    #[serde(default)]
+    pub finished_at: String,
+    #[serde(default)]
+    pub instance: String,
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 /// Reads records from `path` starting at byte `from`, calling `f` with each
