@@ -92,27 +92,20 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    println!("| batch_max | wall time | ideal | efficiency | speed-up vs batch_max=1 |");
-    println!("|---:|---:|---:|---:|---:|");
     let mut results = Vec::new();
     for &b in &sizes {
         let wall = run(b);
         let per_slot = TASKS / SLOTS;
         let batches = per_slot.div_ceil(b) as f64;
         let ideal = batches * LOAD_S + per_slot as f64 * UTT_S;
+        eprintln!("batch_max = {b}: {wall:.1} s");
         results.push((b, wall, ideal));
-        println!(
-            "| {b} | {wall:.1} s | {ideal:.1} s | {:.2} | |",
-            ideal / wall
-        );
     }
-    if let Some(&(_, one, _)) = results.iter().find(|r| r.0 == 1) {
-        println!();
-        for (b, wall, _) in &results {
-            println!(
-                "batch_max = {b}: {:.1}x faster than batch_max = 1",
-                one / wall
-            );
-        }
+    let one = results.iter().find(|r| r.0 == 1).map(|r| r.1);
+    println!("| batch_max | wall time | ideal | efficiency | speed-up vs batch_max = 1 |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (b, wall, ideal) in &results {
+        let speed = one.map(|o| format!("{:.1}x", o / wall)).unwrap_or_else(|| "-".into());
+        println!("| {b} | {wall:.1} s | {ideal:.1} s | {:.2} | {speed} |", ideal / wall);
     }
 }
