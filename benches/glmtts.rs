@@ -105,7 +105,12 @@ fn main() {
     println!("| batch_max | wall time | ideal | efficiency | speed-up vs batch_max = 1 |");
     println!("|---:|---:|---:|---:|---:|");
     for (b, wall, ideal) in &results {
-        let speed = one.map(|o| format!("{:.1}x", o / wall)).unwrap_or_else(|| "-".into());
-        println!("| {b} | {wall:.1} s | {ideal:.1} s | {:.2} | {speed} |", ideal / wall);
+        let speed = one
+            .map(|o| format!("{:.1}x", o / wall))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| {b} | {wall:.1} s | {ideal:.1} s | {:.2} | {speed} |",
+            ideal / wall
+        );
     }
 }
