@@ -90,19 +90,13 @@ impl CommandEngine {
                     .replace("{prompt_text}", t.prompt_text.as_deref().unwrap_or(""))
             })
             .collect();
-        let mut env = vec![
-            ("TTSPOOL_TASK_ID".to_string(), t.id.clone()),
-            (
-                "TTSPOOL_OUTPUT".to_string(),
-                tmp.to_string_lossy().into_owned(),
-            ),
-            ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
-            ("TTSPOOL_TRACE_ID".to_string(), job.trace_id.clone()),
-        ];
-        env.extend(self.marks.iter().cloned());
-        if let Some(d) = &slot.device {
-            env.push(("CUDA_VISIBLE_DEVICES".to_string(), d.clone()));
-        }
+        let env = super::child_env(
+            &t.id,
+            &tmp,
+            slot,
+            &self.marks,
+            &[("TTSPOOL_TRACE_ID", &job.trace_id)],
+        );
         let spec = ChildSpec {
             argv,
             env,

@@ -132,19 +132,13 @@ impl GlmttsEngine {
             argv.push("--use_phoneme".into());
         }
         let ids: Vec<&str> = jobs.iter().map(|j| j.task.id.as_str()).collect();
-        let mut env = vec![
-            ("TTSPOOL_TASK_ID".to_string(), ids.join(",")),
-            (
-                "TTSPOOL_OUTPUT".to_string(),
-                out_dir.to_string_lossy().into_owned(),
-            ),
-            ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
-            ("TTSPOOL_BATCH".to_string(), name.clone()),
-        ];
-        env.extend(self.marks.iter().cloned());
-        if let Some(d) = &slot.device {
-            env.push(("CUDA_VISIBLE_DEVICES".to_string(), d.clone()));
-        }
+        let env = super::child_env(
+            &ids.join(","),
+            &out_dir,
+            slot,
+            &self.marks,
+            &[("TTSPOOL_BATCH", &name)],
+        );
         let spec = ChildSpec {
             argv,
             env,

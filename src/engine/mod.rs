@@ -56,6 +56,31 @@ pub fn slots(cfg: &Config) -> Vec<Slot> {
     }
 }
 
+/// A child's environment: what SPEC §4 promises every engine child, our
+/// marks (so a restart can find orphans) and the slot's GPU.
+pub fn child_env(
+    task_id: &str,
+    output: &Path,
+    slot: &Slot,
+    marks: &[(String, String)],
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("TTSPOOL_TASK_ID".to_string(), task_id.to_string()),
+        (
+            "TTSPOOL_OUTPUT".to_string(),
+            output.to_string_lossy().into_owned(),
+        ),
+        ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env.extend(marks.iter().cloned());
+    if let Some(d) = &slot.device {
+        env.push(("CUDA_VISIBLE_DEVICES".to_string(), d.clone()));
+    }
+    env
+}
+
 /// How one job ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {

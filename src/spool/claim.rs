@@ -113,6 +113,17 @@ pub struct LeaseDoc {
     pub released: bool,
 }
 
+impl Cursor {
+    /// This cursor moved to `offset`, after `line` lines.
+    fn at(&self, offset: u64, line: u64) -> Cursor {
+        Cursor {
+            offset,
+            line,
+            ..*self
+        }
+    }
+}
+
 impl LeaseDoc {
     pub fn file_id(&self) -> String {
         format!("{}#{}", self.key, self.gen)
@@ -436,15 +447,7 @@ impl Claimer {
         let (end_off, end_line) = (last.end(), last.no());
         lines.retain(|l| !l.is_blank());
         if lines.is_empty() {
-            write_cursor(
-                &cursor_path,
-                &Cursor {
-                    gen: cur.gen,
-                    offset: end_off,
-                    line: end_line,
-                    since: cur.since,
-                },
-            )?;
+            write_cursor(&cursor_path, &cur.at(end_off, end_line))?;
             return Ok(0);
         }
         let pos = self.log.position();
@@ -488,15 +491,7 @@ impl Claimer {
             }
         }
         fsync_dir(&dir).map_err(io_err("sync", &dir))?;
-        write_cursor(
-            &cursor_path,
-            &Cursor {
-                gen: cur.gen,
-                offset: end_off,
-                line: end_line,
-                since: cur.since,
-            },
-        )?;
+        write_cursor(&cursor_path, &cur.at(end_off, end_line))?;
         self.held
             .lock()
             .expect("held set")
@@ -681,15 +676,7 @@ impl Claimer {
         let cursor_path = dir.join("cursor");
         let cur = read_cursor(&cursor_path)?;
         if cur.gen == doc.gen && cur.offset < doc.end_off {
-            write_cursor(
-                &cursor_path,
-                &Cursor {
-                    gen: doc.gen,
-                    offset: doc.end_off,
-                    line: doc.end_line,
-                    since: cur.since,
-                },
-            )?;
+            write_cursor(&cursor_path, &cur.at(doc.end_off, doc.end_line))?;
         }
         // Which lines already have a record? Read under the records lock, so
         // a record the old owner was writing is either seen here or refused
