@@ -318,3 +318,54 @@ fn check_validates_a_glmtts_checkout() {
     let out = env.cmd(&["check"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("no glmtts_inference.py"));
 }
+
+#[test]
+fn a_batch_waits_for_gpu_memory_when_min_free_mib_is_set() {
+    let (mut env, root) = glm_env(
+        "batch_max = 2\nbatch_wait = \"100ms\"",
+        "[gpu]\ndevices = [\"0\"]\nmin_free_mib = 1000\n",
+    );
+    let fake_bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/engines");
+    let path = format!("{}:{}", fake_bin.display(), std::env::var("PATH").unwrap());
+    let free = env.root().join("gpu-free");
+    env.vars.push(("PATH".into(), path));
+    env.vars
+        .push(("FAKE_GPU_FREE".into(), free.display().to_string()));
+    env.vars.push((
+        "FAKE_GPU_LOG".into(),
+        env.root().join("smi.log").display().to_string(),
+    ));
+    env.drop_file("g.jsonl", &glm_line("gpu1", "fine"));
+    let mut d = env.spawn("a");
+    let log = env.root().join("daemon-a.log");
+    wait_until(30, "the wait to be logged", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("waiting for GPU memory")
+    });
+    assert!(glm_runs(&env).is_empty(), "the batch started on a full GPU");
+    fs::write(&free, "").unwrap();
+    wait_until(30, "the task", || env.done().len() == 1);
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+    assert!(
+        fs::read_to_string(env.root().join("smi.log"))
+            .unwrap()
+            .lines()
+            .count()
+            >= 2
+    );
+    assert_clean(&root);
+    // check: nvidia-smi is required when the key is set.
+    let out = env
+        .cmd(&["check"])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nvidia-smi"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -411,3 +411,25 @@ fn kill_9_with_200_pending_webhooks_loses_none() {
         "a task got two different webhook-ids"
     );
 }
+
+#[test]
+fn at_most_four_deliveries_at_once_per_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start(dir.path(), 0);
+    let env = hook_env(
+        &rx.url("/slow"),
+        "events = [\"task.completed\"]\nmax_in_flight = 16\n",
+    );
+    let content: String = (0..12).map(|i| task_line(&format!("c{i}"), "x")).collect();
+    env.drop_file("c.jsonl", &content);
+    let out = run_to_outcome(&env, 12);
+    assert!(out.iter().all(|o| o["status"] == "delivered"));
+    let peak = rx
+        .requests()
+        .iter()
+        .filter_map(|r| r["concurrent"].as_u64())
+        .max()
+        .unwrap();
+    assert!(peak <= 4, "{peak} requests at once to one host");
+    assert!(peak >= 2, "deliveries are concurrent (peak {peak})");
+}

@@ -11,6 +11,7 @@ and misbehaves on purpose, by path:
   /target      200 (a test checks it is never reached)
   /hang        never answers in time
   /flip        500 until the file FLAG exists, then 200
+  /slow        200 after 300 ms (logs how many requests were in progress)
 
 Prints its port on the first line of stdout; logs one JSON line per request.
 """
@@ -34,6 +35,7 @@ args = parser.parse_args()
 wh = Webhook(args.secret)
 lock = threading.Lock()
 attempts = {}
+active = [0]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -57,6 +59,14 @@ class Handler(BaseHTTPRequestHandler):
             attempts[msg_id] = attempts.get(msg_id, 0) + 1
             k = attempts[msg_id]
         status, extra = 200, {}
+        concurrent = None
+        if path == "/slow":
+            with lock:
+                active[0] += 1
+                concurrent = active[0]
+            time.sleep(0.3)
+            with lock:
+                active[0] -= 1
         if not verified:
             status = 400
         elif path == "/fail2" and k <= 2:
@@ -81,6 +91,7 @@ class Handler(BaseHTTPRequestHandler):
             "api_key": headers.get("x-api-key"),
             "verified": verified,
             "status": status,
+            "concurrent": concurrent,
             "body": body.decode("utf-8", "replace"),
         }
         with lock:
