@@ -86,14 +86,21 @@ impl Spool {
     fn records(&self) -> usize {
         // Streamed: this process is the parent of the measured daemon, and
         // its own RSS must stay small (a fork starts with the parent's RSS,
-        // which ru_maxrss would then report).
+        // which ru_maxrss would then report). Rotated logs count too.
         use std::io::BufRead;
-        let n = |p: &str| {
-            fs::File::open(self.path(p))
-                .map(|f| std::io::BufReader::new(f).lines().count())
-                .unwrap_or(0)
-        };
-        n("spool/done.jsonl") + n("spool/failed.jsonl")
+        fs::read_dir(self.path("spool"))
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                (n.starts_with("done.") || n.starts_with("failed.")) && n.ends_with(".jsonl")
+            })
+            .map(|e| {
+                fs::File::open(e.path())
+                    .map(|f| std::io::BufReader::new(f).lines().count())
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 }
 

@@ -15,6 +15,8 @@ use crate::spool::Spool;
 pub struct Counts {
     pub pending_files: u64,
     pub pending: u64,
+    /// The same as `pending` (unclaimed task lines), by its longer name.
+    pub pending_lines: u64,
     pub in_flight: u64,
     pub in_flight_by_instance: BTreeMap<String, u64>,
     pub completed: u64,
@@ -48,6 +50,7 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
             .map(|d| d.as_secs()),
         pending_files: s.pending_files,
         pending: s.pending_lines,
+        pending_lines: s.pending_lines,
         in_flight: s.in_flight,
         in_flight_by_instance: s.in_flight_by_instance,
         ..Counts::default()
