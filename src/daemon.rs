@@ -1003,7 +1003,12 @@ fn refresh_gauges(
     retention: Option<Duration>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
-    if let Ok(s) = claim::summary(spool, max_line) {
+    // Counting pending lines reads the pending files: only for metrics users.
+    let wanted = textfile.is_some() || metrics.served.load(Relaxed);
+    if let Some(s) = wanted
+        .then(|| claim::summary(spool, max_line).ok())
+        .flatten()
+    {
         metrics.pending_lines.store(s.pending_lines, Relaxed);
         let age = s
             .oldest_pending

@@ -40,6 +40,8 @@ pub struct Metrics {
     /// Seconds; u64::MAX: no pending line.
     pub oldest_pending_secs: AtomicU64,
     pub outbox: AtomicU64,
+    /// `metrics.listen` is on (the pending-line gauges are worth computing).
+    pub served: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -60,6 +62,7 @@ impl Default for Metrics {
             pending_lines: AtomicU64::new(0),
             oldest_pending_secs: AtomicU64::new(u64::MAX),
             outbox: AtomicU64::new(0),
+            served: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -317,6 +320,7 @@ impl Metrics {
 pub async fn serve(addr: std::net::SocketAddr, m: std::sync::Arc<Metrics>) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    m.served.store(true, Ordering::Relaxed);
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {

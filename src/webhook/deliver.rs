@@ -396,6 +396,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, ctx: Ctx) {
                 }
                 q.attempts += 1;
                 let fin = |status: &str, http: Option<u16>, error: Option<String>| {
+                    metrics.webhook(status);
                     json!({
                         "v": 1,
                         "msg_id": msg.msg_id,
@@ -439,12 +440,6 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, ctx: Ctx) {
                         }
                     }
                 };
-                if let Some(st) = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v["status"].as_str().map(String::from))
-                {
-                    metrics.webhook(&st);
-                }
                 let seg_done = settle(&mut remaining, &q.entry.seg);
                 let _ = outcomes.send(Outcome { line, dead, seg: q.entry.seg.clone(), idx: q.entry.idx, seg_done });
             }
