@@ -264,10 +264,6 @@ impl Claimer {
         Ok(c)
     }
 
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
-
     /// Sets what happens when a file is fully recorded (the webhook).
     pub fn on_consume(&mut self, f: OnConsume) {
         self.on_consume = Some(f);

@@ -318,7 +318,6 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, ctx: Ctx) {
     loop {
         // Start what is due, within the limits.
         let now = Instant::now();
-        let mut blocked_hosts: Vec<Queued> = Vec::new();
         while in_flight < s.max_in_flight {
             let Some(Reverse(q)) = heap.peek() else { break };
             if q.at > now {
@@ -356,9 +355,6 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, ctx: Ctx) {
                 let a = attempt(&c, &s2, &msg).await;
                 let _ = tx.send((q, msg, host, a));
             });
-        }
-        for q in blocked_hosts.drain(..) {
-            heap.push(Reverse(q));
         }
         let next_at = heap.peek().map(|Reverse(q)| q.at);
         let now_busy = in_flight > 0
