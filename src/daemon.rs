@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::engine::{self, Engine, Job, Outcome, Slot};
+use crate::engine::{self, Engine, Job, Outcome, Slot, SlotGuard};
 use crate::metrics::Metrics;
 use crate::scheduler::{backoff, ClaimRef, Next, Scheduler, Work};
 use crate::spool::claim::{self, Batch, ClaimError, Claimed, Claimer, Held, HeldSet};
@@ -71,6 +71,8 @@ enum Event {
     Beat,
     Claimed(Result<Batch, ClaimError>),
     TakenOver(Result<Vec<(Held, Vec<Claimed>)>, ClaimError>),
+    /// A batch's children are gone; its outputs are still being finished.
+    SlotFree(Slot),
     Finished {
         slot: Slot,
         works: Vec<Work>,
@@ -121,6 +123,8 @@ pub struct Daemon {
     last_claim_empty: bool,
     waiting_partial: bool,
     retries: usize,
+    /// Batches started and not yet finished (their slot may be free already).
+    batches: usize,
     uncommitted: usize,
     stopping: u8,
     fatal: Option<String>,
@@ -248,6 +252,7 @@ pub async fn run(
         last_claim_empty: false,
         waiting_partial: false,
         retries: 0,
+        batches: 0,
         uncommitted: 0,
         stopping: 0,
         fatal: None,
@@ -330,14 +335,19 @@ impl Daemon {
                     Err(e) => error!("checking for abandoned claims failed: {e}"),
                 }
             }
+            Event::SlotFree(slot) => {
+                self.sched.free_slot(&slot);
+                self.metrics.slot_finished(&slot);
+                self.dirty = true;
+            }
             Event::Finished {
                 slot,
                 works,
                 outcomes,
                 started_at,
             } => {
-                self.sched.finish(&slot, &works);
-                self.metrics.slot_finished(&slot);
+                self.sched.finish(&works);
+                self.batches -= 1;
                 self.metrics
                     .in_flight
                     .fetch_sub(works.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -393,7 +403,7 @@ impl Daemon {
                 if self.stopping == 1 {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                     info!(
-                        running = self.sched.busy(),
+                        running = self.batches,
                         grace = %humantime::format_duration(self.cfg.shutdown.grace.0),
                         "stopping: no new claims; waiting for running tasks"
                     );
@@ -431,9 +441,9 @@ impl Daemon {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
             Event::GraceOver => {
-                if self.sched.busy() > 0 {
+                if self.batches > 0 {
                     warn!(
-                        running = self.sched.busy(),
+                        running = self.batches,
                         "shutdown.grace is over: killing running tasks; they are handed back"
                     );
                 }
@@ -445,7 +455,7 @@ impl Daemon {
     /// True when the loop may end.
     fn done(&self) -> bool {
         let idle =
-            self.sched.busy() == 0 && self.uncommitted == 0 && !self.claiming && !self.taking_over;
+            self.batches == 0 && self.uncommitted == 0 && !self.claiming && !self.taking_over;
         if self.stopping > 0 {
             return idle;
         }
@@ -813,12 +823,17 @@ impl Daemon {
         self.metrics
             .in_flight
             .fetch_add(works.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.batches += 1;
         let engine = self.engine.clone();
         let tx = self.tx.clone();
         let cancel = self.cancel.subscribe();
+        let (free_tx, free_slot) = (tx.clone(), slot.clone());
+        let free = SlotGuard::new(move || {
+            let _ = free_tx.send(Event::SlotFree(free_slot));
+        });
         tokio::spawn(async move {
             let jobs: Vec<Job> = works.iter().map(|w| w.job.clone()).collect();
-            let mut outcomes = engine.run_batch(&jobs, &slot, cancel).await;
+            let mut outcomes = engine.run_batch(&jobs, &slot, cancel, free).await;
             outcomes.resize(works.len(), Outcome::Cancelled);
             let _ = tx.send(Event::Finished {
                 slot,

@@ -182,9 +182,9 @@ impl Scheduler {
         self.queue.drain(..).collect()
     }
 
-    /// A batch ended: its slot is free and its outputs may be written again.
-    pub fn finish(&mut self, slot: &Slot, works: &[Work]) {
-        self.free_slot(slot);
+    /// A batch's outputs are settled: they may be written again. (Its slot
+    /// was freed on its own, as soon as its children were gone.)
+    pub fn finish(&mut self, works: &[Work]) {
         for w in works {
             self.writing.remove(&w.job.output);
         }
@@ -296,7 +296,8 @@ mod tests {
             matches!(s.next_batch(1, None), Next::Nothing),
             "no free slot"
         );
-        s.finish(&s0, &first);
+        s.free_slot(&s0);
+        s.finish(&first);
         let (_, third) = start(&mut s, 1);
         assert_eq!(ids(&third), ["b1"]);
     }

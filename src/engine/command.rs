@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
 
-use super::{is_wav, Job, Outcome, Slot};
+use super::{is_wav, Job, Outcome, Slot, SlotGuard};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::spool::records::ErrorKind;
@@ -55,7 +55,15 @@ impl CommandEngine {
         dir.join(format!(".{stem}.{trace_id}.tmp.wav"))
     }
 
-    pub async fn run(&self, job: &Job, slot: &Slot, cancel: watch::Receiver<bool>) -> Outcome {
+    /// Runs one job; `free` (when given) is released as soon as the child
+    /// is gone, before its output is checked and moved into place.
+    pub async fn run(
+        &self,
+        job: &Job,
+        slot: &Slot,
+        cancel: watch::Receiver<bool>,
+        free: Option<&mut SlotGuard>,
+    ) -> Outcome {
         let dir = job.output.parent().unwrap_or(Path::new("."));
         if let Err(e) = std::fs::create_dir_all(dir) {
             return fail(
@@ -106,6 +114,9 @@ impl CommandEngine {
             tail_bytes: process::TAIL_BYTES,
         };
         let res = process::run(&spec, cancel).await;
+        if let Some(f) = free {
+            f.release();
+        }
         let run_ms = res.elapsed.as_millis() as u64;
         let outcome = match res.exit {
             Exit::Cancelled => Outcome::Cancelled,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{is_complete_wav, publish, Job, Outcome, Slot};
+use super::{is_complete_wav, publish, Job, Outcome, Slot, SlotGuard};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::spool::records::ErrorKind;
@@ -84,6 +84,7 @@ impl GlmttsEngine {
         jobs: &[Job],
         slot: &Slot,
         cancel: watch::Receiver<bool>,
+        mut free: SlotGuard,
     ) -> Vec<Outcome> {
         let n = jobs.len();
         let name = format!("ttspool_{}", ulid::Ulid::new().to_string().to_lowercase());
@@ -148,6 +149,7 @@ impl GlmttsEngine {
             tail_bytes: BATCH_TAIL,
         };
         let res = process::run(&spec, cancel).await;
+        free.release(); // the outputs are taken without the GPU
         let run_ms = res.elapsed.as_millis() as u64;
         let per_task_ms = run_ms / n as u64;
         let stderr = res.stderr_tail;

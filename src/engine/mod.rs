@@ -104,6 +104,30 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// Frees the slot a batch runs on. An engine releases it as soon as its
+/// children are gone: checking, fsyncing and renaming the outputs needs no
+/// GPU, so the slot's next batch starts meanwhile. Dropping it releases too,
+/// so every path out of an engine frees its slot exactly once.
+pub struct SlotGuard(Option<Box<dyn FnOnce() + Send>>);
+
+impl SlotGuard {
+    pub fn new(release: impl FnOnce() + Send + 'static) -> SlotGuard {
+        SlotGuard(Some(Box::new(release)))
+    }
+
+    pub fn release(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 pub enum Engine {
     Command(command::CommandEngine),
     Glmtts(glmtts::GlmttsEngine),
@@ -133,22 +157,26 @@ impl Engine {
         }
     }
 
-    /// Runs a batch on a slot; one outcome per job, in order.
+    /// Runs a batch on a slot; one outcome per job, in order. `free` is
+    /// released once no child of the batch runs any more.
     pub async fn run_batch(
         &self,
         jobs: &[Job],
         slot: &Slot,
         cancel: watch::Receiver<bool>,
+        mut free: SlotGuard,
     ) -> Vec<Outcome> {
         match self {
             Engine::Command(c) => {
                 let mut out = Vec::with_capacity(jobs.len());
-                for j in jobs {
-                    out.push(c.run(j, slot, cancel.clone()).await);
+                let last = jobs.len().saturating_sub(1);
+                for (i, j) in jobs.iter().enumerate() {
+                    let free = (i == last).then_some(&mut free);
+                    out.push(c.run(j, slot, cancel.clone(), free).await);
                 }
                 out
             }
-            Engine::Glmtts(g) => g.run(jobs, slot, cancel).await,
+            Engine::Glmtts(g) => g.run(jobs, slot, cancel, free).await,
         }
     }
 }

@@ -10,18 +10,21 @@
 //!
 //! stderr is drained while waiting (its tail goes into failed records), so a
 //! chatty child never blocks on a full pipe; stdout goes to /dev/null. After
-//! the child exits the rest of its group is killed, so a grandchild holding
-//! stderr open cannot hang us.
+//! the child exits the rest of its group is killed — before the leader is
+//! reaped, so the group id cannot have been reused — and a grandchild holding
+//! stderr open cannot hang us. How a child is started is in spawn.rs.
 
 use std::io;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::util::Tail;
+
+mod spawn;
 
 /// Bytes of stderr kept for a failed record.
 pub const TAIL_BYTES: usize = 4096;
@@ -126,39 +129,7 @@ fn signal_group(pgid: i32, sig: i32) {
 /// Runs one child to its end. `cancel` turning true kills it at once.
 pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildResult {
     let started = Instant::now();
-    let mut cmd = tokio::process::Command::new(&spec.argv[0]);
-    cmd.args(&spec.argv[1..])
-        .stdin(Stdio::null())
-        // stdout is not kept (engines print progress there); /dev/null
-        // never fills up, and costs no pipe or reader per child.
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .process_group(0)
-        .kill_on_drop(true);
-    for (k, v) in &spec.env {
-        cmd.env(k, v);
-    }
-    if let Some(d) = &spec.cwd {
-        cmd.current_dir(d);
-    }
-    let parent = std::process::id() as i32;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn::spawn(spec) {
         Ok(c) => c,
         Err(e) => {
             return ChildResult {
@@ -168,20 +139,24 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
             }
         }
     };
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    let mut err = child.stderr.take().expect("piped");
+    let pgid = child.id();
     let tail_bytes = spec.tail_bytes;
-    let drain_err = tokio::spawn(async move {
-        let mut tail = Tail::new(tail_bytes);
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = err.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            tail.push(&buf[..n]);
-        }
-        tail
-    });
+    let drain_err = child
+        .take_stderr()
+        .and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
+        .map(|mut err| {
+            tokio::spawn(async move {
+                let mut tail = Tail::new(tail_bytes);
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = err.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.push(&buf[..n]);
+                }
+                tail
+            })
+        });
 
     let deadline = tokio::time::sleep(spec.timeout);
     tokio::pin!(deadline);
@@ -195,27 +170,33 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
             }
         }
     };
-    let exit = tokio::select! {
-        st = child.wait() => match st {
-            Ok(st) => Exit::Exited(st),
-            Err(e) => Exit::SpawnFailed(e),
-        },
+    let ended = tokio::select! {
+        r = child.exited() => r.map(|()| None),
         _ = &mut deadline => {
             signal_group(pgid, libc::SIGTERM);
             tokio::select! {
-                _ = child.wait() => {}
+                _ = child.exited() => {}
                 _ = tokio::time::sleep(spec.kill_grace) => {}
             }
-            Exit::TimedOut
+            Ok(Some(Exit::TimedOut))
         }
-        _ = cancelled => Exit::Cancelled,
+        _ = cancelled => Ok(Some(Exit::Cancelled)),
     };
-    // Whatever is left of the group (grandchildren, a child ignoring TERM) goes now.
+    // Whatever is left of the group (grandchildren, a child ignoring TERM)
+    // goes now, while the unreaped leader keeps the group's id ours.
     signal_group(pgid, libc::SIGKILL);
-    let _ = child.wait().await;
-    let stderr_tail = match tokio::time::timeout(Duration::from_secs(2), drain_err).await {
-        Ok(Ok(t)) => t.text(),
-        _ => String::new(),
+    let status = child.reap();
+    let exit = match (ended, status) {
+        (Ok(Some(exit)), _) => exit,
+        (Ok(None), Ok(st)) => Exit::Exited(st),
+        (Err(e), _) | (Ok(None), Err(e)) => Exit::SpawnFailed(e),
+    };
+    let stderr_tail = match drain_err {
+        Some(h) => match tokio::time::timeout(Duration::from_secs(2), h).await {
+            Ok(Ok(t)) => t.text(),
+            _ => String::new(),
+        },
+        None => String::new(),
     };
     ChildResult {
         exit,
