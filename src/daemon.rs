@@ -75,6 +75,8 @@ enum Event {
     SlotFree(Slot),
     Finished {
         slot: Slot,
+        /// The engine already freed the slot (see SlotGuard).
+        slot_freed: bool,
         works: Vec<Work>,
         outcomes: Vec<Outcome>,
         started_at: String,
@@ -342,10 +344,15 @@ impl Daemon {
             }
             Event::Finished {
                 slot,
+                slot_freed,
                 works,
                 outcomes,
                 started_at,
             } => {
+                if !slot_freed {
+                    self.sched.free_slot(&slot);
+                    self.metrics.slot_finished(&slot);
+                }
                 self.sched.finish(&works);
                 self.batches -= 1;
                 self.metrics
@@ -828,15 +835,16 @@ impl Daemon {
         let tx = self.tx.clone();
         let cancel = self.cancel.subscribe();
         let (free_tx, free_slot) = (tx.clone(), slot.clone());
-        let free = SlotGuard::new(move || {
+        let mut free = SlotGuard::new(move || {
             let _ = free_tx.send(Event::SlotFree(free_slot));
         });
         tokio::spawn(async move {
             let jobs: Vec<Job> = works.iter().map(|w| w.job.clone()).collect();
-            let mut outcomes = engine.run_batch(&jobs, &slot, cancel, free).await;
+            let mut outcomes = engine.run_batch(&jobs, &slot, cancel, &mut free).await;
             outcomes.resize(works.len(), Outcome::Cancelled);
             let _ = tx.send(Event::Finished {
                 slot,
+                slot_freed: free.released(),
                 works,
                 outcomes,
                 started_at,

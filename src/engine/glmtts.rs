@@ -84,7 +84,7 @@ impl GlmttsEngine {
         jobs: &[Job],
         slot: &Slot,
         cancel: watch::Receiver<bool>,
-        mut free: SlotGuard,
+        free: &mut SlotGuard,
     ) -> Vec<Outcome> {
         let n = jobs.len();
         let name = format!("ttspool_{}", ulid::Ulid::new().to_string().to_lowercase());
@@ -149,7 +149,12 @@ impl GlmttsEngine {
             tail_bytes: BATCH_TAIL,
         };
         let res = process::run(&spec, cancel).await;
-        free.release(); // the outputs are taken without the GPU
+        // A clean exit frees the GPU while the outputs are taken. A batch
+        // that failed as a whole keeps its slot until its halves are queued
+        // again, so the failing half is isolated before other work runs.
+        if matches!(res.exit, Exit::Exited(st) if st.success()) {
+            free.release();
+        }
         let run_ms = res.elapsed.as_millis() as u64;
         let per_task_ms = run_ms / n as u64;
         let stderr = res.stderr_tail;

@@ -104,10 +104,10 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Frees the slot a batch runs on. An engine releases it as soon as its
-/// children are gone: checking, fsyncing and renaming the outputs needs no
-/// GPU, so the slot's next batch starts meanwhile. Dropping it releases too,
-/// so every path out of an engine frees its slot exactly once.
+/// Frees the slot a batch runs on before the batch is finished. An engine
+/// releases it as soon as its children are gone: checking, fsyncing and
+/// renaming the outputs needs no GPU, so the slot's next batch starts
+/// meanwhile. A slot not released here is freed with the batch's outcomes.
 pub struct SlotGuard(Option<Box<dyn FnOnce() + Send>>);
 
 impl SlotGuard {
@@ -120,11 +120,9 @@ impl SlotGuard {
             f();
         }
     }
-}
 
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.release();
+    pub fn released(&self) -> bool {
+        self.0.is_none()
     }
 }
 
@@ -157,21 +155,21 @@ impl Engine {
         }
     }
 
-    /// Runs a batch on a slot; one outcome per job, in order. `free` is
+    /// Runs a batch on a slot; one outcome per job, in order. `free` may be
     /// released once no child of the batch runs any more.
     pub async fn run_batch(
         &self,
         jobs: &[Job],
         slot: &Slot,
         cancel: watch::Receiver<bool>,
-        mut free: SlotGuard,
+        free: &mut SlotGuard,
     ) -> Vec<Outcome> {
         match self {
             Engine::Command(c) => {
                 let mut out = Vec::with_capacity(jobs.len());
                 let last = jobs.len().saturating_sub(1);
                 for (i, j) in jobs.iter().enumerate() {
-                    let free = (i == last).then_some(&mut free);
+                    let free = (i == last).then_some(&mut *free);
                     out.push(c.run(j, slot, cancel.clone(), free).await);
                 }
                 out
