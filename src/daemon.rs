@@ -1069,6 +1069,11 @@ struct Webhooks {
     spool_root: PathBuf,
 }
 
+/// How soon after the last group a record counts as part of a busy stream.
+const GROUP_BUSY: Duration = Duration::from_millis(10);
+/// How long a busy stream's record waits for others to share its fsyncs.
+const GROUP_WAIT: Duration = Duration::from_millis(2);
+
 /// The committer thread: group commit of records, then report them durable.
 fn committer(
     log: RecordLog,
@@ -1076,14 +1081,24 @@ fn committer(
     tx: mpsc::UnboundedSender<Event>,
     webhooks: Webhooks,
 ) {
+    let mut last_group: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
+        // A record that comes soon after the last group means tasks are
+        // finishing fast: give its companions a moment to join, so a fast
+        // engine pays a few fsyncs per group rather than per task (the idea
+        // of PostgreSQL's commit_delay). After a quiet spell a record is
+        // written at once.
+        let busy = last_group.is_some_and(|t| t.elapsed() < GROUP_BUSY);
+        let until = std::time::Instant::now() + if busy { GROUP_WAIT } else { Duration::ZERO };
         let mut batch = vec![first];
         while batch.len() < 4096 {
-            match rx.try_recv() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
             }
         }
+        last_group = Some(std::time::Instant::now());
         match write_batch(&log, &batch, &webhooks) {
             Ok(written) => {
                 let list = batch

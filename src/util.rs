@@ -21,6 +21,15 @@ pub fn io_msg(e: &io::Error) -> String {
     }
 }
 
+/// `create_dir_all` at the cost of one stat when the folder exists (the
+/// usual case, once per task).
+pub fn ensure_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)
+}
+
 /// Makes a folder's entries (creates, renames, removes) durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
 
-use super::{is_wav, Job, Outcome, Slot, SlotGuard};
+use super::{has_wav_head, Job, Outcome, Slot, SlotGuard};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::spool::records::ErrorKind;
@@ -65,7 +65,7 @@ impl CommandEngine {
         free: Option<&mut SlotGuard>,
     ) -> Outcome {
         let dir = job.output.parent().unwrap_or(Path::new("."));
-        if let Err(e) = std::fs::create_dir_all(dir) {
+        if let Err(e) = crate::util::ensure_dir(dir) {
             return fail(
                 ErrorKind::SpawnFailed,
                 format!(
@@ -77,8 +77,9 @@ impl CommandEngine {
                 0,
             );
         }
+        // No stale file can hold this name: the trace id is new with every
+        // claim, and a failed attempt removes its own temp file.
         let tmp = Self::temp_path(&job.output, &job.trace_id);
-        let _ = std::fs::remove_file(&tmp);
         let t = &job.task;
         let argv: Vec<String> = self
             .argv
@@ -185,40 +186,48 @@ fn describe(st: std::process::ExitStatus) -> String {
 /// and before the records: a record never says `completed` for an output
 /// that a crash could still take back.
 pub fn finish_output(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String)> {
-    let md = match std::fs::metadata(tmp) {
-        Ok(m) => m,
-        Err(_) => {
+    // One open serves the size, the header check and the fsync.
+    let mut f = match std::fs::File::open(tmp) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err((
                 ErrorKind::MissingOutput,
                 "engine exited 0 but wrote no output file".into(),
             ))
         }
+        Err(e) => return Err(unreadable(&e)),
     };
-    if md.len() == 0 {
+    let len = f.metadata().map_err(|e| unreadable(&e))?.len();
+    if len == 0 {
         return Err((
             ErrorKind::InvalidOutput,
             "engine wrote an empty output file".into(),
         ));
     }
-    match is_wav(tmp) {
+    match has_wav_head(&mut f) {
         Ok(true) => {}
         Ok(false) => {
             return Err((
                 ErrorKind::InvalidOutput,
-                format!("engine output ({} bytes) is not a RIFF/WAVE file", md.len()),
+                format!("engine output ({len} bytes) is not a RIFF/WAVE file"),
             ))
         }
-        Err(e) => {
-            return Err((
-                ErrorKind::InvalidOutput,
-                format!("cannot read engine output: {}", io_msg(&e)),
-            ))
-        }
+        Err(e) => return Err(unreadable(&e)),
     }
-    super::publish(tmp, output).map_err(|e| {
+    let moved = f
+        .sync_all()
+        .and_then(|()| super::move_into_place(tmp, output));
+    moved.map_err(|e| {
         (
             ErrorKind::SpawnFailed,
             format!("cannot move output to {}: {}", output.display(), io_msg(&e)),
         )
     })
+}
+
+fn unreadable(e: &std::io::Error) -> (ErrorKind, String) {
+    (
+        ErrorKind::InvalidOutput,
+        format!("cannot read engine output: {}", io_msg(e)),
+    )
 }

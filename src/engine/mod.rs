@@ -181,9 +181,12 @@ impl Engine {
 
 /// A WAV file starts with `RIFF....WAVE`.
 pub fn is_wav(path: &Path) -> std::io::Result<bool> {
-    use std::io::Read;
+    has_wav_head(&mut std::fs::File::open(path)?)
+}
+
+/// The same check on an open file, read from where it stands.
+pub fn has_wav_head(f: &mut impl std::io::Read) -> std::io::Result<bool> {
     let mut head = [0u8; 12];
-    let mut f = std::fs::File::open(path)?;
     let mut n = 0;
     while n < 12 {
         let r = f.read(&mut head[n..])?;
@@ -233,15 +236,24 @@ pub fn is_complete_wav(path: &Path) -> std::io::Result<bool> {
     Ok(false)
 }
 
-/// Makes `src`'s bytes durable and moves it onto `dst` (same folder or not;
-/// across file systems: copy to a hidden temp next to `dst`, fsync, rename).
-/// The folder fsync that makes the rename durable is the record committer's.
+/// Makes `src`'s bytes durable and moves it onto `dst` (see [`move_into_place`]).
 pub fn publish(src: &Path, dst: &Path) -> std::io::Result<()> {
     std::fs::File::open(src)?.sync_all()?;
-    if let Some(d) = dst.parent() {
-        std::fs::create_dir_all(d)?;
+    move_into_place(src, dst)
+}
+
+/// Renames a durable `src` onto `dst`, creating `dst`'s folder if needed;
+/// across file systems: copy to a hidden temp next to `dst`, fsync, rename.
+/// The folder fsync that makes the rename durable is the record committer's.
+pub fn move_into_place(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let mut res = std::fs::rename(src, dst);
+    if matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::NotFound) && src.exists() {
+        if let Some(d) = dst.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        res = std::fs::rename(src, dst);
     }
-    match std::fs::rename(src, dst) {
+    match res {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
             let dir = dst.parent().unwrap_or(Path::new("."));

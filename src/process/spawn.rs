@@ -30,6 +30,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::OnceLock;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -79,14 +80,13 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<Vec<_>>>()?;
-    let env = environment(&spec.env)?;
+    let (env, env_ptrs) = environment(&spec.env)?;
     let cwd = spec
         .cwd
         .as_ref()
         .map(|d| cstring(d.as_os_str().as_bytes()))
         .transpose()?;
     let argv_ptrs = nul_terminated(&argv);
-    let env_ptrs = nul_terminated(&env);
 
     // SAFETY: plain system calls; every returned fd is owned at once.
     let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -111,7 +111,8 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         parent: unsafe { libc::getpid() },
         error: AtomicI32::new(0),
     };
-    let mut stack = vec![0u8; CHILD_STACK];
+    // Not zeroed: the child writes before it reads, like any stack.
+    let mut stack = Vec::<u8>::with_capacity(CHILD_STACK);
     // The stack grows down from its end, 16-byte aligned.
     let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut libc::c_void;
 
@@ -398,23 +399,40 @@ fn nul_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// The daemon's environment without what only the daemon should see, with
-/// `extra` added (replacing same-named variables).
-fn environment(extra: &[(String, String)]) -> io::Result<Vec<CString>> {
-    let mut out = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        let name = k.as_bytes();
-        if NOT_INHERITED.iter().any(|n| n.as_bytes() == name)
-            || extra.iter().any(|(e, _)| e.as_bytes() == name)
-        {
-            continue;
-        }
-        out.push(var(&k, &v)?);
-    }
-    for (k, v) in extra {
-        out.push(var(OsStr::new(k), OsStr::new(v))?);
-    }
-    Ok(out)
+/// The daemon's environment without what only the daemon should see, read
+/// once (the daemon never changes its own environment).
+fn inherited() -> &'static [CString] {
+    static BASE: OnceLock<Vec<CString>> = OnceLock::new();
+    BASE.get_or_init(|| {
+        std::env::vars_os()
+            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| n.as_bytes() == k.as_bytes()))
+            .filter_map(|(k, v)| var(&k, &v).ok())
+            .collect()
+    })
+}
+
+/// The child's environment: the inherited variables, except those `extra`
+/// sets, then `extra`. Returns the new strings and the pointer array (which
+/// points into both).
+fn environment(extra: &[(String, String)]) -> io::Result<(Vec<CString>, Vec<*const libc::c_char>)> {
+    let own = extra
+        .iter()
+        .map(|(k, v)| var(OsStr::new(k), OsStr::new(v)))
+        .collect::<io::Result<Vec<_>>>()?;
+    let overridden = |c: &CString| {
+        let b = c.as_bytes();
+        extra
+            .iter()
+            .any(|(k, _)| b.len() > k.len() && b.starts_with(k.as_bytes()) && b[k.len()] == b'=')
+    };
+    let ptrs = inherited()
+        .iter()
+        .filter(|c| !overridden(c))
+        .chain(own.iter())
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(ptr::null()))
+        .collect();
+    Ok((own, ptrs))
 }
 
 fn var(k: &OsStr, v: &OsStr) -> io::Result<CString> {
