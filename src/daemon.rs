@@ -521,7 +521,7 @@ impl Daemon {
         // long TTS tasks stay spread over the daemons sharing the spool, and
         // millisecond tasks are not throttled by one claim per task.
         let per_slot =
-            ((1000 / self.avg_run_ms.max(1)).clamp(2, 64) as usize).max(self.engine.batch_max());
+            ((1000 / self.avg_run_ms.max(1)).clamp(2, 256) as usize).max(self.engine.batch_max());
         let target = self.sched.slot_count() * per_slot;
         let have = self.sched.queued() + self.sched.busy();
         let want = target.saturating_sub(have).max(self.burst);

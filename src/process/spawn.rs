@@ -88,13 +88,9 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         .transpose()?;
     let argv_ptrs = nul_terminated(&argv);
 
-    // SAFETY: plain system calls; every returned fd is owned at once.
-    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if null < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let null = unsafe { OwnedFd::from_raw_fd(null) };
+    let null = dev_null()?;
     let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds, owned at once.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -145,13 +141,26 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         None => None,
     };
     // These must outlive the clone call; the child has exec'ed by now.
-    drop((stack, argv_ptrs, env_ptrs, argv, env, path, cwd, null));
+    drop((stack, argv_ptrs, env_ptrs, argv, env, path, cwd));
     Ok(Child {
         pid,
         pidfd,
         stderr: Some(err_r),
         reaped: None,
     })
+}
+
+/// /dev/null, opened once for every child's stdin and stdout.
+fn dev_null() -> io::Result<&'static OwnedFd> {
+    static NULL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = NULL.get() {
+        return Ok(fd);
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    Ok(NULL.get_or_init(|| f.into()))
 }
 
 /// Runs `clone` with every signal blocked, so that no handler of the daemon
