@@ -5,14 +5,16 @@
 //! from the blocking pool, a child finishing, a record becoming durable, a
 //! signal — becomes an [`Event`] handled by [`Daemon::handle`], followed by
 //! [`Daemon::pump`], which starts what can start. Disk work that fsyncs
-//! (claims, takeovers) runs on the blocking pool; record appends run on the
-//! committer thread, which groups whatever is ready into one write and one
-//! fsync per log. Children are spawned only from the runtime's main thread
-//! (see process.rs for why).
+//! (claims, takeovers, checking and moving outputs) runs on the blocking
+//! pool; record appends run on the committer thread, which groups whatever is
+//! ready into one write and one fsync per log (and, while records stream in,
+//! waits up to 2 ms for companions). Children are spawned only from the
+//! runtime's main thread (see process/ for why). A slot is free again as soon
+//! as its children are gone, before their outputs are checked and moved.
 //!
-//! Finishing a task is one place, [`Daemon::finish`]: build the record, send
-//! it to the committer. When the committer reports it durable, the line is
-//! removed from its lease, and an exhausted lease is deleted.
+//! Finishing a task is one place, [`Daemon::commit`]: the record goes to the
+//! committer. When the committer reports it durable, the line is removed from
+//! its lease, and an exhausted lease is deleted.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -1073,6 +1075,8 @@ struct Webhooks {
 const GROUP_BUSY: Duration = Duration::from_millis(10);
 /// How long a busy stream's record waits for others to share its fsyncs.
 const GROUP_WAIT: Duration = Duration::from_millis(2);
+/// A group at least this big does not wait for more.
+const GROUP_ENOUGH: usize = 64;
 
 /// The committer thread: group commit of records, then report them durable.
 fn committer(
@@ -1092,7 +1096,13 @@ fn committer(
         let until = std::time::Instant::now() + if busy { GROUP_WAIT } else { Duration::ZERO };
         let mut batch = vec![first];
         while batch.len() < 4096 {
-            let left = until.saturating_duration_since(std::time::Instant::now());
+            // A group this big already shares its fsyncs well: take only
+            // what is ready.
+            let left = if batch.len() < GROUP_ENOUGH {
+                until.saturating_duration_since(std::time::Instant::now())
+            } else {
+                Duration::ZERO
+            };
             match rx.recv_timeout(left) {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
