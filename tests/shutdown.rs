@@ -103,3 +103,25 @@ fn a_second_signal_kills_children_at_once() {
     assert!(t.elapsed() < Duration::from_secs(5));
     assert!(survivors(&env.engine_pids()).is_empty());
 }
+
+#[test]
+fn engines_die_with_a_daemon_killed_by_sigkill() {
+    // Children are started with clone(CLONE_VM | CLONE_VFORK) and
+    // PR_SET_PDEATHSIG: nothing of the daemon is left to clean up after a
+    // SIGKILL, and no restart is needed for the engines to go.
+    let env = Env::new("");
+    let content: String = (0..2)
+        .map(|i| task_line(&format!("k{i}"), "IGNORETERM"))
+        .collect();
+    env.drop_file("stuck.jsonl", &content);
+    let mut d = env.spawn("a");
+    wait_until(30, "two engines running", || env.engine_pids().len() == 2);
+    let pids = env.engine_pids();
+    assert!(survivors(&pids).len() >= 2, "engines are running");
+    sigkill(&d);
+    d.wait().unwrap();
+    wait_until(10, "the engines to die with the daemon", || {
+        survivors(&pids).is_empty()
+    });
+    assert_eq!(env.records(), 0);
+}
