@@ -11,7 +11,8 @@
 //!   record logs ([`spool::records`]).
 //! - [`scheduler`]: slots per GPU, the queue, retry backoff.
 //! - [`engine`]: what runs the TTS: the `command` engine, the GLM-TTS batch engine.
-//! - [`process`]: children in their own process group, timeouts, kills.
+//! - [`process`]: children in their own process group, started by `clone` with
+//!   a death signal (`process/spawn.rs`), timeouts, kills.
 //! - [`webhook`]: signed webhooks: the outbox written with the records,
 //!   delivery with retries, the SSRF guard.
 //! - [`daemon`]: the event loop that wires them, signals and shutdown.
