@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::engine::{self, Engine, Job, Outcome, Slot, SlotGuard};
+use crate::engine::{self, Engine, Job, Outcome, Slot, SlotRelease};
 use crate::metrics::Metrics;
 use crate::scheduler::{backoff, ClaimRef, Next, Scheduler, Work};
 use crate::spool::claim::{self, Batch, ClaimError, Claimed, Claimer, Held, HeldSet};
@@ -77,7 +77,7 @@ enum Event {
     SlotFree(Slot),
     Finished {
         slot: Slot,
-        /// The engine already freed the slot (see SlotGuard).
+        /// The engine already freed the slot (see SlotRelease).
         slot_freed: bool,
         works: Vec<Work>,
         outcomes: Vec<Outcome>,
@@ -837,7 +837,7 @@ impl Daemon {
         let tx = self.tx.clone();
         let cancel = self.cancel.subscribe();
         let (free_tx, free_slot) = (tx.clone(), slot.clone());
-        let mut free = SlotGuard::new(move || {
+        let mut free = SlotRelease::new(move || {
             let _ = free_tx.send(Event::SlotFree(free_slot));
         });
         tokio::spawn(async move {

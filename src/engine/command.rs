@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
 
-use super::{has_wav_head, Job, Outcome, Slot, SlotGuard};
+use super::{has_wav_head, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::spool::records::ErrorKind;
@@ -62,7 +62,7 @@ impl CommandEngine {
         job: &Job,
         slot: &Slot,
         cancel: watch::Receiver<bool>,
-        free: Option<&mut SlotGuard>,
+        free: Option<&mut SlotRelease>,
     ) -> Outcome {
         let dir = job.output.parent().unwrap_or(Path::new("."));
         if let Err(e) = crate::util::ensure_dir(dir) {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{is_complete_wav, publish, Job, Outcome, Slot, SlotGuard};
+use super::{is_complete_wav, publish, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::spool::records::ErrorKind;
@@ -84,7 +84,7 @@ impl GlmttsEngine {
         jobs: &[Job],
         slot: &Slot,
         cancel: watch::Receiver<bool>,
-        free: &mut SlotGuard,
+        free: &mut SlotRelease,
     ) -> Vec<Outcome> {
         let n = jobs.len();
         let name = format!("ttspool_{}", ulid::Ulid::new().to_string().to_lowercase());

@@ -108,11 +108,11 @@ pub enum Outcome {
 /// releases it as soon as its children are gone: checking, fsyncing and
 /// renaming the outputs needs no GPU, so the slot's next batch starts
 /// meanwhile. A slot not released here is freed with the batch's outcomes.
-pub struct SlotGuard(Option<Box<dyn FnOnce() + Send>>);
+pub struct SlotRelease(Option<Box<dyn FnOnce() + Send>>);
 
-impl SlotGuard {
-    pub fn new(release: impl FnOnce() + Send + 'static) -> SlotGuard {
-        SlotGuard(Some(Box::new(release)))
+impl SlotRelease {
+    pub fn new(release: impl FnOnce() + Send + 'static) -> SlotRelease {
+        SlotRelease(Some(Box::new(release)))
     }
 
     pub fn release(&mut self) {
@@ -162,7 +162,7 @@ impl Engine {
         jobs: &[Job],
         slot: &Slot,
         cancel: watch::Receiver<bool>,
-        free: &mut SlotGuard,
+        free: &mut SlotRelease,
     ) -> Vec<Outcome> {
         match self {
             Engine::Command(c) => {
