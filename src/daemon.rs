@@ -88,6 +88,8 @@ enum Event {
     /// over by another daemon (`false`).
     Committed(Vec<(Record, PathBuf, u64, bool)>),
     CommitFailed(String),
+    /// Work on the blocking pool panicked.
+    Crashed(String),
     Signal(Sig),
     GraceOver,
     Reloaded(Box<Result<(Config, Settings), String>>),
@@ -407,6 +409,9 @@ impl Daemon {
             Event::CommitFailed(msg) => {
                 self.fatal = Some(format!("cannot write records: {msg}"));
             }
+            Event::Crashed(msg) => {
+                self.fatal = Some(format!("internal error, stopping: {msg}"));
+            }
             Event::Signal(Sig::Stop) => {
                 self.stopping += 1;
                 if self.stopping == 1 {
@@ -430,17 +435,20 @@ impl Daemon {
             Event::Signal(Sig::Reload) => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
                 let path = self.cfg.path.clone();
-                let tx = self.tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let res = Config::load(&path)
-                        .map_err(|e| e.to_string())
-                        .and_then(|c| {
-                            Settings::from_config(&c)
-                                .map(|s| (c, s))
-                                .map_err(|e| format!("{}: {e}", path.display()))
-                        });
-                    let _ = tx.send(Event::Reloaded(Box::new(res)));
-                });
+                self.blocking(
+                    move || {
+                        Box::new(
+                            Config::load(&path)
+                                .map_err(|e| e.to_string())
+                                .and_then(|c| {
+                                    Settings::from_config(&c)
+                                        .map(|s| (c, s))
+                                        .map_err(|e| format!("{}: {e}", path.display()))
+                                }),
+                        )
+                    },
+                    Event::Reloaded,
+                );
             }
             Event::Reloaded(res) => {
                 match *res {
@@ -534,11 +542,10 @@ impl Daemon {
             self.dirty = false;
             self.claiming = true;
             let c = self.claimer.clone();
-            let tx = self.tx.clone();
-            tokio::task::spawn_blocking(move || {
-                let res = c.lock().expect("claimer").claim(want);
-                let _ = tx.send(Event::Claimed(res));
-            });
+            self.blocking(
+                move || c.lock().expect("claimer").claim(want),
+                Event::Claimed,
+            );
         }
     }
 
@@ -548,13 +555,12 @@ impl Daemon {
         }
         self.taking_over = true;
         let c = self.claimer.clone();
-        let tx = self.tx.clone();
         let w = self.webhooks.clone();
         let metrics = self.metrics.clone();
         let max_line = self.cfg.limits.max_line_bytes;
         let textfile = self.cfg.metrics.textfile.clone();
         let retention = self.cfg.retention.consumed.map(|d| d.0);
-        tokio::task::spawn_blocking(move || {
+        let work = move || {
             refresh_gauges(
                 &Spool::new(&w.spool_root),
                 max_line,
@@ -582,7 +588,29 @@ impl Daemon {
                 );
                 let _ = w.tx.send(deliver::Cmd::Rescan);
             }
-            let _ = tx.send(Event::TakenOver(res));
+            res
+        };
+        self.blocking(work, Event::TakenOver);
+    }
+
+    /// Runs disk work on the blocking pool and hands its result back as an
+    /// event. A panic there is a bug that may have left the claim state half
+    /// changed: the daemon then stops with an error (under systemd it is
+    /// restarted, and the restart takes its claims back) instead of waiting
+    /// forever for an answer that will not come.
+    fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+        event: fn(T) -> Event,
+    ) {
+        let done = tokio::task::spawn_blocking(work);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let ev = match done.await {
+                Ok(v) => event(v),
+                Err(e) => Event::Crashed(e.to_string()),
+            };
+            let _ = tx.send(ev);
         });
     }
 
