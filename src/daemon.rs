@@ -338,6 +338,7 @@ impl Daemon {
                             self.adopt(held, lines);
                         }
                     }
+                    Err(e @ ClaimError::LockLost(_)) => self.fatal = Some(e.to_string()),
                     Err(e) => error!("checking for abandoned claims failed: {e}"),
                 }
             }

@@ -110,6 +110,35 @@ fn a_second_daemon_with_the_same_instance_is_refused() {
 }
 
 #[test]
+fn a_daemon_whose_spool_folder_is_replaced_stops() {
+    // Its instance lock would be in the deleted folder: a second daemon of
+    // the same name could then lock the new one and take our claims as its
+    // own, while our heartbeats went to a deleted file.
+    let env = Env::new("");
+    let mut a = env.spawn("same");
+    let log = || std::fs::read_to_string(env.root().join("daemon-same.log")).unwrap_or_default();
+    wait_until(10, "a started", || log().contains("ttspool started"));
+    let spool = env.spool();
+    std::fs::rename(&spool, env.root().join("old-spool")).unwrap();
+    std::fs::create_dir_all(spool.join("pending")).unwrap();
+    let mut status = None;
+    wait_until(10, "a stopped", || {
+        status = a.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(!status.unwrap().success());
+    assert!(
+        log().contains("spool folder was removed or replaced"),
+        "{}",
+        log()
+    );
+    // A daemon of the same name now runs normally on the new folder.
+    env.drop_file("t.jsonl", &task_line("t1", "hello"));
+    env.run_once();
+    assert_eq!(env.done().len(), 1);
+}
+
+#[test]
 fn a_restart_kills_grandchildren_its_killed_predecessor_left_behind() {
     let env = Env::new("[shutdown]\ngrace = \"200ms\"\n");
     env.drop_file("h.jsonl", &task_line("h", "HANG"));

@@ -60,6 +60,8 @@ pub enum ClaimError {
         spool: PathBuf,
         holder: String,
     },
+    #[error("the spool folder was removed or replaced under the running daemon ({} is no longer the file this daemon locked); stopping, so that no other daemon mistakes our claims for its own", .0.display())]
+    LockLost(PathBuf),
     #[error("cannot {action} {}: {}", .path.display(), crate::util::io_msg(.source))]
     Io {
         action: &'static str,
@@ -292,6 +294,7 @@ impl Claimer {
 
     /// Rewrites our heartbeat file; the file server stamps its mtime.
     pub fn heartbeat(&mut self) -> Result<(), ClaimError> {
+        self.check_lock()?;
         self.beats += 1;
         let body = format!(
             "{{\"pid\":{},\"beat\":{}}}\n",
@@ -308,6 +311,29 @@ impl Claimer {
             self.alive.sync_data()
         })()
         .map_err(io_err("write heartbeat", &path))
+    }
+
+    /// The instance lock only means something while its path still names
+    /// the file we locked. If the spool folder was deleted and made again,
+    /// another daemon with our instance name could lock the new file and
+    /// take our leases for its own, and our heartbeats would go to a deleted
+    /// file: the daemon must stop.
+    fn check_lock(&self) -> Result<(), ClaimError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self
+            .spool
+            .instances()
+            .join(format!("{}.lock", self.instance));
+        let same = match (self._instance_lock.metadata(), fs::metadata(&path)) {
+            (Ok(ours), Ok(now)) => ours.dev() == now.dev() && ours.ino() == now.ino(),
+            (_, Err(e)) if e.kind() != io::ErrorKind::NotFound => return Ok(()), // unknown: keep going
+            _ => false,
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(ClaimError::LockLost(path))
+        }
     }
 
     fn lock_claims(&self) -> Result<File, ClaimError> {
