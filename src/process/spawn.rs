@@ -15,7 +15,7 @@
 //! system calls, writes one error word and ends in `execve` or `_exit`: no
 //! allocation, no locks, no panics.
 //!
-//! Waiting uses a pidfd (Linux ≥ 5.3) registered with the runtime, so a
+//! Waiting uses a pidfd (`CLONE_PIDFD`, Linux ≥ 5.2) registered with the runtime, so a
 //! child's exit wakes the event loop directly. A pidfd says "exited" without
 //! reaping, so the caller can kill the rest of the process group while the
 //! leader's pid is still reserved as a zombie, and only then reap it. Kernels
@@ -95,6 +95,9 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         return Err(io::Error::last_os_error());
     }
     let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The child moves /dev/null onto 0 and 1 before the pipe onto 2, so the
+    // pipe must not sit on 0 or 1 (a daemon started with stdio closed).
+    let err_w = above_stdio(err_w)?;
 
     let args = ChildArgs {
         path: path.as_ptr(),
@@ -148,6 +151,19 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         stderr: Some(err_r),
         reaped: None,
     })
+}
+
+/// `fd`, moved to a number above 2 if it is one of the standard streams.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC returns a new fd, owned at once.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 /// /dev/null, opened once for every child's stdin and stdout.
