@@ -15,6 +15,15 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // The commands a person runs end quietly when their reader goes
+        // away (`ttspool status | head`), like other Unix tools, instead of
+        // panicking on EPIPE. The daemon keeps ignoring SIGPIPE.
+        // SAFETY: signal(2) with SIG_DFL, before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let cfg = match Config::locate(cli.config.as_deref()).and_then(|p| Config::load(&p)) {
         Ok(c) => c,
         Err(e) => {

@@ -166,3 +166,21 @@ fn status_counts_and_finds_one_task() {
     let out = env.cmd(&["status"]).output().unwrap();
     assert!(text(&out.stdout).contains("completed  1"));
 }
+
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    // `ttspool status | head -0`: the reader is gone before status writes.
+    let env = Env::new("");
+    let mut child = env
+        .cmd(&["status"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
