@@ -5,26 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, EngineKind};
 use crate::submit::validate_file;
-
-/// Finds an executable by name in `$PATH`, or checks a path.
-pub fn find_executable(prog: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let is_exec = |p: &Path| {
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if prog.contains('/') {
-        let p = PathBuf::from(prog);
-        return is_exec(&p).then_some(p);
-    }
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|d| d.join(prog))
-        .find(|p| is_exec(p))
-}
+use crate::util::find_in_path;
 
 /// Can we create files in `dir` (or create `dir`)?
 fn writable(dir: &Path) -> Result<(), String> {
@@ -54,7 +35,7 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
     match cfg.engine.kind {
         EngineKind::Command => {
             let prog = &cfg.engine.argv[0];
-            match find_executable(prog) {
+            match find_in_path(prog, None) {
                 Some(p) => println!("ok: engine {}", p.display()),
                 None => problems.push(at(
                     "engine.argv",
@@ -66,8 +47,11 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
         }
         EngineKind::Glmtts => problems.extend(check_glmtts(cfg)),
     }
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
     if cfg.gpu.min_free_mib.is_some() {
-        match find_executable("nvidia-smi") {
+        match find_in_path("nvidia-smi", None) {
             Some(p) => println!("ok: nvidia-smi {}", p.display()),
             None => problems.push(at(
                 "gpu.min_free_mib",

@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::template::{Template, Var};
+
 /// Where the config came from and why it could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -181,6 +183,13 @@ pub struct EngineConfig {
     /// glmtts: model load allowance, added to `timeout` × tasks for a batch's deadline.
     #[serde(default = "default_load_timeout")]
     pub load_timeout: Dur,
+    /// Variables of the daemon's environment that engine children get
+    /// (`NAME`, or a prefix ending in `*`); ttspool's own secrets never pass.
+    #[serde(default = "default_env_pass")]
+    pub env_pass: Vec<String>,
+    /// Fixed variables set for every engine child.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,7 +250,7 @@ pub enum WebhookFormat {
     Callback,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Default target (a task's `callback_url` overrides it); `file.completed` goes here.
@@ -278,6 +287,25 @@ pub struct WebhookConfig {
     /// Deliveries at once.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+}
+
+/// Secrets (the signing secret, header values, URL queries) never reach a
+/// log, even through `{:?}`.
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url.as_deref().map(crate::redact::url))
+            .field("events", &self.events)
+            .field("format", &self.format)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .field("timeout", &self.timeout)
+            .field("schedule", &self.schedule)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("allow_cidrs", &self.allow_cidrs)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -400,10 +428,48 @@ fn default_engine_kind() -> EngineKind {
     EngineKind::Command
 }
 fn default_argv() -> Vec<String> {
-    ["espeak-ng", "-v", "cmn", "-w", "{output}", "{input_text}"]
+    ["espeak-ng", "-v", "cmn", "-w", "{output}", "--", "{input_text}"]
         .map(String::from)
         .to_vec()
 }
+/// What an engine needs from the daemon's environment: finding programs,
+/// locale, temp space, the GPU stack, Python and Hugging Face caches.
+pub fn default_env_pass() -> Vec<String> {
+    [
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "LC_*",
+        "TZ",
+        "TMPDIR",
+        "TERM",
+        "LD_LIBRARY_PATH",
+        "CUDA_*",
+        "NVIDIA_*",
+        "NCCL_*",
+        "PYTORCH_*",
+        "TORCH_*",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "PYTHON*",
+        "VIRTUAL_ENV",
+        "CONDA_*",
+        "HF_*",
+        "HUGGINGFACE_*",
+        "TRANSFORMERS_*",
+        "XDG_CACHE_HOME",
+        "XDG_RUNTIME_DIR",
+        "ESPEAK_DATA_PATH",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
 fn default_voices_dir() -> PathBuf {
     PathBuf::from("voices")
 }
@@ -550,10 +616,11 @@ impl Config {
                 if self.engine.argv.is_empty() {
                     return Err(bad(
                         "engine.argv",
-                        "must name a command, e.g. [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]",
+                        "must name a command, e.g. [\"espeak-ng\", \"-w\", \"{output}\", \"--\", \"{input_text}\"]",
                     ));
                 }
-                if !self.engine.argv.iter().any(|a| a.contains("{output}")) {
+                let argv = self.argv_templates()?;
+                if !argv.iter().any(|t| t.uses(Var::Output)) {
                     return Err(bad(
                         "engine.argv",
                         "must contain {output}: the engine writes the WAV there",
@@ -582,6 +649,20 @@ impl Config {
                 }
             }
         }
+        for (k, v) in &self.engine.env {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                return Err(bad(
+                    "engine.env",
+                    &format!("{k:?} is not a usable variable (no '=', no NUL)"),
+                ));
+            }
+        }
+        if let Some(p) = self.engine.env_pass.iter().find(|p| p.is_empty() || p.contains('=')) {
+            return Err(bad(
+                "engine.env_pass",
+                &format!("{p:?} is not a variable name or a NAME* prefix"),
+            ));
+        }
         let w = &self.webhook;
         for e in &w.events {
             if !crate::webhook::EVENTS.contains(&e.as_str()) {
@@ -600,11 +681,8 @@ impl Config {
             }
         }
         for c in &w.allow_cidrs {
-            if crate::webhook::guard::Cidr::parse(c).is_none() {
-                return Err(bad(
-                    "webhook.allow_cidrs",
-                    &format!("{c:?} is not a CIDR like \"10.0.0.0/8\" or \"fd00::/8\""),
-                ));
+            if let Err(e) = crate::webhook::guard::Cidr::parse(c) {
+                return Err(bad("webhook.allow_cidrs", &e));
             }
         }
         if w.schedule.is_empty() {
@@ -666,6 +744,41 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `engine.argv` parsed; an unknown placeholder is an error naming it.
+    pub fn argv_templates(&self) -> Result<Vec<Template>, ConfigError> {
+        self.engine
+            .argv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Template::parse(a).map_err(|e| ConfigError::Invalid {
+                    path: self.path.clone(),
+                    key: "engine.argv",
+                    message: format!("element {i} ({a:?}): {e}"),
+                })
+            })
+            .collect()
+    }
+
+    /// What is legal but probably a mistake, one line each: `check` prints
+    /// these and the daemon logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.engine.kind == EngineKind::Command {
+            let argv = self.argv_templates().unwrap_or_default();
+            for i in crate::template::option_injection_points(&argv) {
+                out.push(format!(
+                    "{}: engine.argv: element {i} ({:?}) starts with task text, which the engine \
+                     may read as an option (a task with input_text \"-f/etc/passwd\"); put \"--\" \
+                     before it, or join it to its option as in \"--text={{input_text}}\"",
+                    self.path.display(),
+                    self.engine.argv[i]
+                ));
+            }
+        }
+        out
     }
 
     /// How many children may run at once.
@@ -794,6 +907,40 @@ mod tests {
         );
         assert_eq!(c.engine.batch_max, 16);
         assert_eq!(c.engine.batch_wait.0, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn debug_output_holds_no_secrets() {
+        let c = parse(
+            "[webhook]\nurl = \"https://h.example/hook?token=TOKEN1\"\nsecret = \"whsec_SECRET2\"\n\
+             headers = { \"X-Api-Key\" = \"KEY3\" }\n",
+        )
+        .unwrap();
+        let d = format!("{c:?}");
+        for s in ["TOKEN1", "SECRET2", "KEY3"] {
+            assert!(!d.contains(s), "{s} in {d}");
+        }
+        assert!(d.contains("X-Api-Key"));
+    }
+
+    #[test]
+    fn unknown_placeholders_are_refused() {
+        let e = parse("[engine]\nargv = [\"tts\", \"{output}\", \"{text}\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("engine.argv") && e.contains("element 2") && e.contains("{text}") && e.contains("{input_text}"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn task_text_that_could_be_an_option_is_warned_about() {
+        let c = parse("[engine]\nargv = [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]\n").unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("element 3") && w[0].contains("\"--\""), "{w:?}");
+        assert!(parse("").unwrap().warnings().is_empty(), "the default is safe");
     }
 
     #[test]

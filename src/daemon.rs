@@ -233,6 +233,9 @@ pub async fn run(
         engine = ?cfg.engine.kind,
         "ttspool started"
     );
+    for w in cfg.warnings() {
+        warn!("{w}");
+    }
     let held = claimer.held();
     let mut d = Daemon {
         rules: TaskRules::from_config(&cfg),

@@ -89,9 +89,25 @@ pub fn requeue(cfg: &Config, all: bool, kind: Option<&str>, ids: &[String]) -> a
     );
     let tmp = pending.join(format!(".{name}.tmp"));
     let mut body = String::new();
+    let mut lost_callbacks = 0;
     for v in &picked {
-        body.push_str(&v["task"].to_string());
+        let mut task = v["task"].clone();
+        // Records keep callback_url without its query and user info (they
+        // may hold a token); the full URL comes from the source line.
+        if let Some(recorded) = task["callback_url"].as_str().map(String::from) {
+            match original_callback(&spool, &v["source"], &recorded) {
+                Some(full) => task["callback_url"] = Value::String(full),
+                None => lost_callbacks += 1,
+            }
+        }
+        body.push_str(&task.to_string());
         body.push('\n');
+    }
+    if lost_callbacks > 0 {
+        eprintln!(
+            "note: {lost_callbacks} task(s) keep callback_url as recorded, without a query string or credentials, \
+             because their source line is gone from pending/ and pending/.consumed/"
+        );
     }
     {
         let mut f = std::fs::File::create(&tmp)
@@ -117,4 +133,28 @@ pub fn requeue(cfg: &Config, all: bool, kind: Option<&str>, ids: &[String]) -> a
         .with_context(|| format!("cannot write {}", log_path.display()))?;
     println!("requeued {} task(s) as pending/{name}", picked.len());
     Ok(if unknown.is_empty() { 0 } else { 1 })
+}
+
+/// The full `callback_url` of a record's source line, read from the file in
+/// `pending/` or `pending/.consumed/`, if that line still holds a URL whose
+/// redacted form is the recorded one.
+fn original_callback(spool: &Spool, source: &Value, recorded: &str) -> Option<String> {
+    use std::io::BufRead;
+    let file = source["file"].as_str()?;
+    let line = source["line"].as_u64()?;
+    if file.contains('/') || line == 0 {
+        return None;
+    }
+    [spool.pending().join(file), spool.consumed().join(file)]
+        .iter()
+        .find_map(|p| {
+            let f = std::fs::File::open(p).ok()?;
+            let text = std::io::BufReader::new(f)
+                .split(b'\n')
+                .nth(line as usize - 1)?
+                .ok()?;
+            let v: Value = serde_json::from_slice(&text).ok()?;
+            let full = v["callback_url"].as_str()?;
+            (crate::redact::url(full) == recorded).then(|| full.to_string())
+        })
 }

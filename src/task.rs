@@ -27,6 +27,19 @@ pub struct Task {
     pub metadata: Option<Map<String, Value>>,
 }
 
+impl Task {
+    /// The task as records show it: `callback_url` without query string
+    /// and user info, which often carry a token (SPEC §8: secrets never
+    /// appear in records). Delivery uses the full URL, kept in the outbox.
+    pub fn for_record(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("a task serializes");
+        if let (Some(u), Some(m)) = (&self.callback_url, v.as_object_mut()) {
+            m.insert("callback_url".into(), Value::String(crate::redact::url(u)));
+        }
+        v
+    }
+}
+
 /// Why a line is not a task. The message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -210,7 +223,8 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 /// SPEC §2: 1–200 chars of letters, digits, `_ - .` and `/`; no empty, `.`,
-/// `..` or dot-leading segment; not absolute; no control characters.
+/// `..`, dot-leading or dash-leading segment; not absolute; no control
+/// characters.
 pub fn check_output_name(name: &str) -> Result<(), String> {
     let n = name.chars().count();
     if n == 0 || n > 200 {
@@ -231,6 +245,13 @@ pub fn check_output_name(name: &str) -> Result<(), String> {
         if seg.is_empty() || seg.starts_with('.') {
             return Err(format!(
                 "{name:?} has an empty or dot-leading path segment {seg:?}"
+            ));
+        }
+        if seg.starts_with('-') {
+            // An engine could read `{output_name}` (or a path ending in it)
+            // as an option.
+            return Err(format!(
+                "{name:?} has a path segment {seg:?} that starts with '-'"
             ));
         }
     }
@@ -346,6 +367,7 @@ mod tests {
         }
         for bad in [
             "", "/a", "a//b", "a/./b", "a/../b", ".hidden", "a/.b", "a b", "a\u{7}", "a\\b", "a/",
+            "-f", "a/-rf", "--help",
         ] {
             assert!(check_output_name(bad).is_err(), "{bad:?}");
         }

@@ -38,11 +38,38 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Write-temp-then-rename: `path` holds either the old or the new bytes after
 /// a crash, never a mix. The temp file is hidden and in the same folder.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, bytes, 0o666)
+}
+
+/// [`atomic_write`] for a file that may hold a secret (a webhook URL with
+/// its token, a signed body): readable by the daemon's user only, whatever
+/// the umask.
+pub fn atomic_write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, bytes, PRIVATE_FILE)
+}
+
+/// Mode of files that may hold secrets (the umask can only narrow it).
+pub const PRIVATE_FILE: u32 = 0o600;
+
+/// Creates `dir` (and its parents) for files that may hold secrets: the
+/// last folder is 0700.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+fn atomic_write_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.{}.tmp", ulid::Ulid::new()));
     let res = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -138,4 +165,31 @@ mod tests {
         assert_eq!(cut("订单", 4), "订");
         assert_eq!(cut("ab", 4), "ab");
     }
+}
+
+/// The program `prog` names: as given when it holds a `/`, else the first
+/// executable match in `path` (a `$PATH` value; the daemon's own when
+/// `None`, `/usr/local/bin:/usr/bin:/bin` when neither is set). The one
+/// place a program is looked up, for spawning and for `check` alike.
+pub fn find_in_path(prog: &str, path: Option<&std::ffi::OsStr>) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exec = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if prog.contains('/') {
+        let p = std::path::PathBuf::from(prog);
+        return is_exec(&p).then_some(p);
+    }
+    if prog.is_empty() {
+        return None;
+    }
+    let own = std::env::var_os("PATH");
+    let paths = path
+        .or(own.as_deref())
+        .unwrap_or(std::ffi::OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    std::env::split_paths(paths)
+        .map(|d| d.join(prog))
+        .find(|p| is_exec(p))
 }

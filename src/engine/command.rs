@@ -9,15 +9,17 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
 
-use super::{has_wav_head, Job, Outcome, Slot, SlotRelease};
+use super::{has_wav_head, ChildEnv, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
+use crate::template::{Template, Var};
 use crate::spool::records::ErrorKind;
 use crate::util::io_msg;
 
 pub struct CommandEngine {
-    argv: Vec<String>,
-    marks: Vec<(String, String)>,
+    /// `engine.argv`, parsed once; the program resolved in `$PATH`.
+    argv: Vec<Template>,
+    env: ChildEnv,
     timeout: std::time::Duration,
     kill_grace: std::time::Duration,
     name: String,
@@ -29,15 +31,18 @@ impl CommandEngine {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| cfg.engine.argv[0].clone());
+        // The config was validated, so every element parses.
+        let mut argv = cfg.argv_templates().expect("validated config");
         // Resolve the program in $PATH once, not in every child (execvp
         // tries each $PATH folder in turn); if absent, spawning reports it.
-        let mut argv = cfg.engine.argv.clone();
-        if let Some(p) = crate::check::find_executable(&argv[0]) {
-            argv[0] = p.to_string_lossy().into_owned();
+        if let Some(p) = crate::util::find_in_path(&cfg.engine.argv[0], None) {
+            if let Ok(t) = Template::parse(&p.to_string_lossy()) {
+                argv[0] = t;
+            }
         }
         CommandEngine {
             argv,
-            marks: process::marks(&cfg.spool.dir, &cfg.spool.instance),
+            env: ChildEnv::from_config(cfg),
             timeout: cfg.engine.timeout.0,
             kill_grace: cfg.engine.kill_grace.0,
             name: format!("command:{prog}"),
@@ -81,33 +86,27 @@ impl CommandEngine {
         // claim, and a failed attempt removes its own temp file.
         let tmp = Self::temp_path(&job.output, &job.trace_id);
         let t = &job.task;
-        let argv: Vec<String> = self
-            .argv
-            .iter()
-            .map(|a| {
-                a.replace("{input_text}", &t.input_text)
-                    .replace("{output_name}", &t.output_name)
-                    .replace("{output}", &tmp.to_string_lossy())
-                    .replace("{id}", &t.id)
-                    .replace(
-                        "{prompt_audio}",
-                        &job.prompt_audio
-                            .as_ref()
-                            .map(|p| p.to_string_lossy().into_owned())
-                            .unwrap_or_default(),
-                    )
-                    .replace("{prompt_text}", t.prompt_text.as_deref().unwrap_or(""))
-            })
-            .collect();
-        let env = super::child_env(
-            &t.id,
-            &tmp,
-            slot,
-            &self.marks,
-            &[("TTSPOOL_TRACE_ID", &job.trace_id)],
+        let (tmp_s, prompt_audio) = (
+            tmp.to_string_lossy(),
+            job.prompt_audio.as_deref().map(Path::to_string_lossy),
         );
+        let value = |v: Var| -> &str {
+            match v {
+                Var::InputText => &t.input_text,
+                Var::Output => &tmp_s,
+                Var::OutputName => &t.output_name,
+                Var::Id => &t.id,
+                Var::PromptAudio => prompt_audio.as_deref().unwrap_or(""),
+                Var::PromptText => t.prompt_text.as_deref().unwrap_or(""),
+            }
+        };
+        let argv: Vec<String> = self.argv.iter().map(|a| a.render(value)).collect();
+        let env = self
+            .env
+            .for_task(&t.id, &tmp, slot, &[("TTSPOOL_TRACE_ID", &job.trace_id)]);
         let spec = ChildSpec {
             argv,
+            base: self.env.base().clone(),
             env,
             cwd: None,
             timeout: self.timeout,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{is_complete_wav, publish, Job, Outcome, Slot, SlotRelease};
+use super::{is_complete_wav, publish, ChildEnv, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::spool::records::ErrorKind;
@@ -40,7 +40,7 @@ pub struct GlmttsEngine {
     load_timeout: Duration,
     kill_grace: Duration,
     min_free_mib: Option<u64>,
-    marks: Vec<(String, String)>,
+    env: ChildEnv,
 }
 
 impl GlmttsEngine {
@@ -48,7 +48,7 @@ impl GlmttsEngine {
         let e = &cfg.engine;
         GlmttsEngine {
             root: e.root.clone().unwrap_or_default(),
-            python: crate::check::find_executable(&e.python)
+            python: crate::util::find_in_path(&e.python, None)
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_else(|| e.python.clone()),
             exp_name: e.exp_name.clone(),
@@ -59,7 +59,7 @@ impl GlmttsEngine {
             load_timeout: e.load_timeout.0,
             kill_grace: e.kill_grace.0,
             min_free_mib: cfg.gpu.min_free_mib,
-            marks: process::marks(&cfg.spool.dir, &cfg.spool.instance),
+            env: ChildEnv::from_config(cfg),
         }
     }
 
@@ -133,15 +133,12 @@ impl GlmttsEngine {
             argv.push("--use_phoneme".into());
         }
         let ids: Vec<&str> = jobs.iter().map(|j| j.task.id.as_str()).collect();
-        let env = super::child_env(
-            &ids.join(","),
-            &out_dir,
-            slot,
-            &self.marks,
-            &[("TTSPOOL_BATCH", &name)],
-        );
+        let env = self
+            .env
+            .for_task(&ids.join(","), &out_dir, slot, &[("TTSPOOL_BATCH", &name)]);
         let spec = ChildSpec {
             argv,
+            base: self.env.base().clone(),
             env,
             cwd: Some(self.root.clone()),
             timeout: self.load_timeout + self.timeout * n as u32,

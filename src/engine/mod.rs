@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::watch;
 
 use crate::config::{Config, EngineKind};
+use crate::process;
 use crate::spool::records::ErrorKind;
 use crate::task::Task;
 
@@ -56,29 +57,50 @@ pub fn slots(cfg: &Config) -> Vec<Slot> {
     }
 }
 
-/// A child's environment: what SPEC §4 promises every engine child, our
-/// marks (so a restart can find orphans) and the slot's GPU.
-pub fn child_env(
-    task_id: &str,
-    output: &Path,
-    slot: &Slot,
-    marks: &[(String, String)],
-    extra: &[(&str, &str)],
-) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("TTSPOOL_TASK_ID".to_string(), task_id.to_string()),
-        (
-            "TTSPOOL_OUTPUT".to_string(),
-            output.to_string_lossy().into_owned(),
-        ),
-        ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    env.extend(marks.iter().cloned());
-    if let Some(d) = &slot.device {
-        env.push(("CUDA_VISIBLE_DEVICES".to_string(), d.clone()));
+/// The environment of an engine's children (SPEC §4): the allow-listed
+/// part built once, plus per child what SPEC §4 promises, and the slot's GPU.
+#[derive(Debug, Clone)]
+pub struct ChildEnv {
+    base: process::BaseEnv,
+}
+
+impl ChildEnv {
+    pub fn from_config(cfg: &Config) -> ChildEnv {
+        ChildEnv {
+            base: process::BaseEnv::new(
+                &cfg.engine.env_pass,
+                &cfg.engine.env,
+                &process::marks(&cfg.spool.dir, &cfg.spool.instance),
+            ),
+        }
     }
-    env
+
+    pub fn base(&self) -> &process::BaseEnv {
+        &self.base
+    }
+
+    /// The per-child variables for a task (or a batch's first task).
+    pub fn for_task(
+        &self,
+        task_id: &str,
+        output: &Path,
+        slot: &Slot,
+        extra: &[(&str, &str)],
+    ) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("TTSPOOL_TASK_ID".to_string(), task_id.to_string()),
+            (
+                "TTSPOOL_OUTPUT".to_string(),
+                output.to_string_lossy().into_owned(),
+            ),
+            ("TTSPOOL_SLOT".to_string(), slot.index.to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        if let Some(d) = &slot.device {
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), d.clone()));
+        }
+        env
+    }
 }
 
 /// How one job ended.

@@ -90,9 +90,80 @@ pub fn kill_orphans(spool: &std::path::Path, instance: &str) -> usize {
     killed
 }
 
+/// Variables of the daemon's own that no child ever gets, whatever
+/// `engine.env_pass` says: ttspool's secrets and settings (`TTSPOOL_*`; the
+/// marks and task variables are set explicitly) and systemd's channels.
+fn never_passed(name: &str) -> bool {
+    name.starts_with("TTSPOOL_")
+        || name == "NOTIFY_SOCKET"
+        || name.starts_with("WATCHDOG_")
+        || name.starts_with("LISTEN_")
+}
+
+/// True when `name` matches a pattern of `engine.env_pass`: a name, or a
+/// prefix ending in `*`.
+pub fn env_passes(patterns: &[String], name: &str) -> bool {
+    !never_passed(name)
+        && patterns.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => p == name,
+        })
+}
+
+/// The part of every child's environment that is the same for each task,
+/// built once per engine: the daemon's variables that `engine.env_pass`
+/// lets through, then `engine.env`, then `fixed` (our marks). The
+/// environment is an allow-list because an engine is often third-party code
+/// with third-party dependencies: it must not see the webhook signing key
+/// or anything else the operator gave the daemon alone.
+#[derive(Debug, Clone, Default)]
+pub struct BaseEnv(std::sync::Arc<Vec<std::ffi::CString>>);
+
+impl BaseEnv {
+    pub fn new(
+        pass: &[String],
+        set: &std::collections::BTreeMap<String, String>,
+        fixed: &[(String, String)],
+    ) -> BaseEnv {
+        use std::os::unix::ffi::OsStrExt;
+        let mut vars: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+            .filter(|(k, _)| k.to_str().is_some_and(|k| env_passes(pass, k)))
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        for (k, v) in set.iter().chain(fixed.iter().map(|(k, v)| (k, v))) {
+            vars.retain(|(have, _)| have != k.as_bytes());
+            vars.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+        }
+        BaseEnv(std::sync::Arc::new(
+            vars.into_iter()
+                .filter_map(|(mut k, v)| {
+                    k.push(b'=');
+                    k.extend_from_slice(&v);
+                    std::ffi::CString::new(k).ok()
+                })
+                .collect(),
+        ))
+    }
+
+    fn vars(&self) -> &[std::ffi::CString] {
+        &self.0
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find_map(|c| {
+            let s = c.to_str().ok()?;
+            s.strip_prefix(name)?.strip_prefix('=')
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ChildSpec {
     pub argv: Vec<String>,
+    /// What every child of the engine gets.
+    pub base: BaseEnv,
+    /// Per child, on top of `base` (replacing a variable of the same name).
     pub env: Vec<(String, String)>,
     pub cwd: Option<PathBuf>,
     pub timeout: Duration,

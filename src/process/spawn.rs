@@ -28,6 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::path::PathBuf;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
@@ -35,14 +36,13 @@ use std::sync::OnceLock;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use super::ChildSpec;
+use super::{BaseEnv, ChildSpec};
 
 /// Stack for the child between `clone` and `execve`; it runs a handful of
 /// system calls (glibc's posix_spawn uses 32 KiB plus the arguments).
 const CHILD_STACK: usize = 64 * 1024;
 
 /// Variables the daemon's own supervisor set for the daemon alone.
-const NOT_INHERITED: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 
 /// Set once the kernel has refused `CLONE_PIDFD` (before Linux 5.2).
 static NO_PIDFD: AtomicBool = AtomicBool::new(false);
@@ -73,14 +73,14 @@ struct ChildArgs {
 /// pipe (see [`Child::take_stderr`]). Must be called from a thread that lives
 /// as long as the daemon: the death signal fires when *that thread* exits.
 pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
-    let path = resolve(&spec.argv[0], &spec.env)?;
+    let path = resolve(&spec.argv[0], &spec.base, &spec.env)?;
     let path = cstring(path.as_os_str().as_bytes())?;
     let argv = spec
         .argv
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<Vec<_>>>()?;
-    let (env, env_ptrs) = environment(&spec.env)?;
+    let (env, env_ptrs) = environment(&spec.base, &spec.env)?;
     let cwd = spec
         .cwd
         .as_ref()
@@ -424,22 +424,13 @@ fn nul_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// The daemon's environment without what only the daemon should see, read
-/// once (the daemon never changes its own environment).
-fn inherited() -> &'static [CString] {
-    static BASE: OnceLock<Vec<CString>> = OnceLock::new();
-    BASE.get_or_init(|| {
-        std::env::vars_os()
-            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| n.as_bytes() == k.as_bytes()))
-            .filter_map(|(k, v)| var(&k, &v).ok())
-            .collect()
-    })
-}
-
-/// The child's environment: the inherited variables, except those `extra`
-/// sets, then `extra`. Returns the new strings and the pointer array (which
-/// points into both).
-fn environment(extra: &[(String, String)]) -> io::Result<(Vec<CString>, Vec<*const libc::c_char>)> {
+/// The child's environment: `base`, except the variables `extra` sets, then
+/// `extra`. Returns the new strings and the pointer array (which points into
+/// both).
+fn environment(
+    base: &BaseEnv,
+    extra: &[(String, String)],
+) -> io::Result<(Vec<CString>, Vec<*const libc::c_char>)> {
     let own = extra
         .iter()
         .map(|(k, v)| var(OsStr::new(k), OsStr::new(v)))
@@ -450,7 +441,8 @@ fn environment(extra: &[(String, String)]) -> io::Result<(Vec<CString>, Vec<*con
             .iter()
             .any(|(k, _)| b.len() > k.len() && b.starts_with(k.as_bytes()) && b[k.len()] == b'=')
     };
-    let ptrs = inherited()
+    let ptrs = base
+        .vars()
         .iter()
         .filter(|c| !overridden(c))
         .chain(own.iter())
@@ -469,26 +461,17 @@ fn var(k: &OsStr, v: &OsStr) -> io::Result<CString> {
 }
 
 /// The program to exec: as given when it holds a `/`, else the first match in
-/// `$PATH` (the child's, when the spec sets one).
-fn resolve(prog: &str, env: &[(String, String)]) -> io::Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
+/// the child's `$PATH` (the daemon's when the child has none).
+fn resolve(prog: &str, base: &BaseEnv, extra: &[(String, String)]) -> io::Result<PathBuf> {
     if prog.contains('/') {
         return Ok(prog.into());
     }
-    let paths: OsString = env
+    let path = extra
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| OsString::from(v))
-        .or_else(|| std::env::var_os("PATH"))
-        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&paths)
-        .map(|d| d.join(prog))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+        .or_else(|| base.get("PATH").map(OsString::from));
+    crate::util::find_in_path(prog, path.as_deref()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
 #[cfg(test)]
@@ -499,6 +482,7 @@ mod tests {
     fn spec(argv: &[&str]) -> ChildSpec {
         ChildSpec {
             argv: argv.iter().map(|s| s.to_string()).collect(),
+            base: BaseEnv::new(&["PATH".into()], &Default::default(), &[]),
             env: vec![("TTSPOOL_TEST_VAR".into(), "x y".into())],
             cwd: Some("/tmp".into()),
             timeout: Duration::from_secs(5),

@@ -148,7 +148,7 @@ impl Record {
                 m.insert("claimed_at".into(), json!(claimed_at));
                 m.insert("started_at".into(), json!(started_at));
                 m.insert("run_ms".into(), json!(run_ms));
-                m.insert("task".into(), json!(task));
+                m.insert("task".into(), task.for_record());
             }
             Record::Failed {
                 kind,
@@ -165,10 +165,10 @@ impl Record {
                 );
                 m.insert("attempts".into(), json!(attempts));
                 if let Some(t) = task {
-                    m.insert("task".into(), json!(t));
+                    m.insert("task".into(), t.for_record());
                 }
                 if let Some(r) = raw {
-                    m.insert("raw".into(), json!(r));
+                    m.insert("raw".into(), json!(crate::redact::urls_in(r)));
                 }
                 if let Some(s) = stderr_tail.as_ref().filter(|s| !s.is_empty()) {
                     m.insert("stderr_tail".into(), json!(s));

@@ -21,7 +21,8 @@ use tracing::{info, warn};
 
 use super::guard::{check_url, GuardedResolver};
 use super::outbox::{self, Entry, Outbox};
-use super::{redact_url, sign, Message, Settings};
+use super::{sign, Message, Settings};
+use crate::redact::url as redact_url;
 use crate::spool::Spool;
 
 /// Deliveries at once to one host.
@@ -542,8 +543,8 @@ fn dead_dir(spool: &Spool) -> PathBuf {
 
 fn keep_dead(spool: &Spool, m: &Message) -> std::io::Result<()> {
     let d = dead_dir(spool);
-    std::fs::create_dir_all(&d)?;
-    crate::util::atomic_write(
+    crate::util::create_private_dir(&d)?;
+    crate::util::atomic_write_private(
         &d.join(format!("{}.json", m.msg_id)),
         &serde_json::to_vec(m).expect("message"),
     )

@@ -1,6 +1,9 @@
 //! The SSRF guard: webhooks never reach loopback, private, link-local (the
 //! cloud metadata address among them), CGNAT, multicast, unspecified or IPv6
-//! ULA/link-local addresses unless `webhook.allow_cidrs` covers them.
+//! ULA/link-local addresses unless `webhook.allow_cidrs` covers them, nor the
+//! reserved, documentation and benchmarking ranges, nor a cloud metadata
+//! address. An IPv6 address that carries an IPv4 address to a gateway
+//! (NAT64, 6to4, Teredo) is judged by the IPv4 address inside.
 //!
 //! Every address a name resolves to is checked, IPv4-mapped IPv6 addresses
 //! are folded to IPv4 first, and the HTTP client connects only through
@@ -20,25 +23,39 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(s: &str) -> Option<Cidr> {
+    /// `"10.0.0.0/8"`, `"fd00::/8"`, or an address alone (a /32 or /128).
+    /// An IPv4-mapped network (`::ffff:10.0.0.0/104`) is its IPv4 network;
+    /// its prefix must be at least 96, or it would not be one.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let bad = |why: &str| format!("{s:?} is not a CIDR like \"10.0.0.0/8\" or \"fd00::/8\": {why}");
         let (a, b) = match s.split_once('/') {
             Some((a, b)) => (a, Some(b)),
             None => (s, None),
         };
-        let net: IpAddr = a.trim().parse().ok()?;
+        let net: IpAddr = a.trim().parse().map_err(|_| bad("not an IP address"))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let bits = match b {
-            Some(b) => b.trim().parse().ok().filter(|&n: &u8| n <= max)?,
+            Some(b) => b
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&n: &u8| n <= max)
+                .ok_or_else(|| bad(&format!("the prefix must be 0-{max}")))?,
             None => max,
         };
-        Some(Cidr {
-            net: fold(net),
-            bits: if net.is_ipv6() && fold(net).is_ipv4() {
-                bits.saturating_sub(96)
-            } else {
-                bits
-            },
-        })
+        if net.is_ipv6() && fold(net).is_ipv4() {
+            if bits < 96 {
+                return Err(bad(
+                    "an IPv4-mapped network (::ffff:a.b.c.d) needs a prefix of 96 or more; \
+                     write the IPv4 network instead",
+                ));
+            }
+            return Ok(Cidr {
+                net: fold(net),
+                bits: bits - 96,
+            });
+        }
+        Ok(Cidr { net, bits })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -75,15 +92,21 @@ pub fn fold(ip: IpAddr) -> IpAddr {
 }
 
 /// Why an address is refused, or `None` if it is a public address.
-pub fn refused_kind(ip: IpAddr) -> Option<&'static str> {
+pub fn refused_kind(ip: IpAddr) -> Option<String> {
     match fold(ip) {
-        IpAddr::V4(a) => v4_kind(a),
-        IpAddr::V6(a) => v6_kind(a),
+        IpAddr::V4(a) => v4_kind(a).map(String::from),
+        IpAddr::V6(a) => match embedded_v4(a) {
+            // An address that carries an IPv4 address to a gateway that will
+            // connect to it: judged by that IPv4 address.
+            Some((form, v4)) => v4_kind(v4).map(|k| format!("{k} address ({v4}) in {form}")),
+            None => v6_kind(a).map(String::from),
+        },
     }
 }
 
 fn v4_kind(a: Ipv4Addr) -> Option<&'static str> {
     let o = a.octets();
+    let within = |net: [u8; 4], bits: u8| prefix_eq(&net, &o, bits);
     if a.is_unspecified() || o[0] == 0 {
         Some("unspecified")
     } else if a.is_loopback() {
@@ -92,12 +115,40 @@ fn v4_kind(a: Ipv4Addr) -> Option<&'static str> {
         Some("private")
     } else if a.is_link_local() {
         Some("link-local")
-    } else if o[0] == 100 && (64..128).contains(&o[1]) {
+    } else if within([100, 64, 0, 0], 10) {
         Some("CGNAT")
     } else if a.is_multicast() {
         Some("multicast")
     } else if a.is_broadcast() || o[0] >= 240 {
         Some("reserved")
+    } else if within([192, 0, 0, 0], 24) {
+        Some("IETF protocol assignment")
+    } else if within([198, 18, 0, 0], 15) {
+        Some("benchmarking")
+    } else if within([192, 0, 2, 0], 24) || within([198, 51, 100, 0], 24) || within([203, 0, 113, 0], 24) {
+        Some("documentation")
+    } else if o == [168, 63, 129, 16] {
+        // Azure's wire server and metadata endpoint: a public-looking address.
+        Some("cloud metadata")
+    } else {
+        None
+    }
+}
+
+/// The IPv4 address inside an IPv6 address that a gateway would connect to:
+/// NAT64 (`64:ff9b::/96`, RFC 6052), 6to4 (`2002::/16`), Teredo (`2001::/32`,
+/// the client address, stored inverted) and IPv4-translated (`::ffff:0:0:0/96`).
+fn embedded_v4(a: Ipv6Addr) -> Option<(&'static str, Ipv4Addr)> {
+    let s = a.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        Some(("a NAT64 address", v4(s[6], s[7])))
+    } else if s[0] == 0x2002 {
+        Some(("a 6to4 address", v4(s[1], s[2])))
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        Some(("a Teredo address", v4(!s[6], !s[7])))
+    } else if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        Some(("an IPv4-translated address", v4(s[6], s[7])))
     } else {
         None
     }
@@ -115,8 +166,17 @@ fn v6_kind(a: Ipv6Addr) -> Option<&'static str> {
         Some("unique-local")
     } else if (s[0] & 0xffc0) == 0xfe80 {
         Some("link-local")
-    } else if s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0 {
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        Some("site-local")
+    } else if s[..6] == [0; 6] {
         Some("IPv4-compatible")
+    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        // 64:ff9b:1::/48, NAT64 for local use (RFC 8215): private by definition.
+        Some("local-use NAT64")
+    } else if s[0] == 0x2001 && s[1] == 0xdb8 {
+        Some("documentation")
+    } else if s[..4] == [0x100, 0, 0, 0] {
+        Some("discard-only")
     } else {
         None
     }
@@ -131,7 +191,7 @@ pub struct Guard {
 impl Guard {
     pub fn new(allow_cidrs: &[String]) -> Guard {
         Guard {
-            allow: allow_cidrs.iter().filter_map(|c| Cidr::parse(c)).collect(),
+            allow: allow_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect(),
         }
     }
 
@@ -233,9 +293,34 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "::ffff:169.254.169.254",
+            // NAT64, 6to4, Teredo and IPv4-translated forms of refused addresses
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::8.8.8.8",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            "2002:c0a8:101::1",
+            "2001:0:4136:e378:8000:63bf:5601:5601", // Teredo, client 169.254.169.254 inverted
+            "::ffff:0:a9fe:a9fe",
+            // ranges the guard missed before
+            "fec0::1",
+            "feff::1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "192.0.0.1",
+            "192.0.0.170",
+            "168.63.129.16",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "2001:db8::1",
+            "100::1",
         ] {
             assert!(g.check(ip(bad)).is_err(), "{bad} should be refused");
         }
+        let m = g.check(ip("64:ff9b::a9fe:a9fe")).unwrap_err();
+        assert!(m.contains("link-local") && m.contains("169.254.169.254") && m.contains("NAT64"), "{m}");
         for good in [
             "93.184.216.34",
             "8.8.8.8",
@@ -243,6 +328,12 @@ mod tests {
             "::ffff:8.8.8.8",
             "100.128.0.1",
             "172.32.0.1",
+            "64:ff9b::8.8.8.8",
+            "2002:0808:0808::1",
+            "198.20.0.1",
+            "192.0.1.1",
+            "168.63.129.17",
+            "2001:4860:4860::8888",
         ] {
             assert!(g.check(ip(good)).is_ok(), "{good} should be allowed");
         }
@@ -272,11 +363,17 @@ mod tests {
             .unwrap()
             .contains(ip("10.200.1.1")));
         assert!(!Cidr::parse("10.0.0.0/8").unwrap().contains(ip("11.0.0.1")));
-        assert!(Cidr::parse("192.168.0.0/33").is_none());
-        assert!(Cidr::parse("nope").is_none());
+        assert!(Cidr::parse("192.168.0.0/33").is_err());
+        assert!(Cidr::parse("nope").is_err());
         assert!(Cidr::parse("::ffff:10.0.0.0/104")
             .unwrap()
             .contains(ip("10.1.1.1")));
+        assert!(!Cidr::parse("::ffff:10.0.0.0/104")
+            .unwrap()
+            .contains(ip("11.1.1.1")));
+        // Once silently an IPv4 /0: everything allowed.
+        let e = Cidr::parse("::ffff:10.0.0.0/64").unwrap_err();
+        assert!(e.contains("::ffff:10.0.0.0/64") && e.contains("96"), "{e}");
     }
 
     #[test]

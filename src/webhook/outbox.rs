@@ -20,6 +20,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::Message;
 use crate::spool::records::{Pos, RecordLog};
 use crate::spool::Spool;
+use crate::util::PRIVATE_FILE;
 use crate::util::fsync_dir;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -60,7 +62,8 @@ impl Outbox {
     pub fn open(spool: &Spool, instance: &str) -> io::Result<Outbox> {
         let root = Self::root(spool);
         let dir = root.join(instance);
-        fs::create_dir_all(&dir)?;
+        // Messages hold full URLs (tokens in queries) and signed bodies.
+        crate::util::create_private_dir(&dir)?;
         Ok(Outbox { root, dir })
     }
 
@@ -81,6 +84,7 @@ impl Outbox {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(PRIVATE_FILE)
             .open(&pending)?;
         f.write_all(body.as_bytes())?;
         f.sync_all()?;
@@ -230,6 +234,7 @@ pub fn ack(seg: &Path, idxs: &[u32]) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(PRIVATE_FILE)
         .open(seg.with_extension("acks"))?;
     let mut s = String::new();
     for i in idxs {
