@@ -48,6 +48,7 @@ fn run(batch_max: usize) -> f64 {
         format!(
             "[spool]\ndir = \"spool\"\nsettle = \"100ms\"\n[output]\ndir = \"out\"\n\
              [engine]\nkind = \"glmtts\"\nroot = \"GLM-TTS\"\nbatch_max = {batch_max}\nbatch_wait = \"2s\"\n\
+             env_pass = [\"PATH\", \"HOME\", \"LANG\", \"FAKE_*\"]\n\
              [gpu]\ndevices = [\"0\", \"1\"]\n"
         ),
     )

@@ -428,9 +428,17 @@ fn default_engine_kind() -> EngineKind {
     EngineKind::Command
 }
 fn default_argv() -> Vec<String> {
-    ["espeak-ng", "-v", "cmn", "-w", "{output}", "--", "{input_text}"]
-        .map(String::from)
-        .to_vec()
+    [
+        "espeak-ng",
+        "-v",
+        "cmn",
+        "-w",
+        "{output}",
+        "--",
+        "{input_text}",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 /// What an engine needs from the daemon's environment: finding programs,
 /// locale, temp space, the GPU stack, Python and Hugging Face caches.
@@ -464,6 +472,17 @@ pub fn default_env_pass() -> Vec<String> {
         "XDG_CACHE_HOME",
         "XDG_RUNTIME_DIR",
         "ESPEAK_DATA_PATH",
+        // model downloads through a company's proxy and CA
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
     ]
     .into_iter()
     .map(String::from)
@@ -657,7 +676,12 @@ impl Config {
                 ));
             }
         }
-        if let Some(p) = self.engine.env_pass.iter().find(|p| p.is_empty() || p.contains('=')) {
+        if let Some(p) = self
+            .engine
+            .env_pass
+            .iter()
+            .find(|p| p.is_empty() || p.contains('='))
+        {
             return Err(bad(
                 "engine.env_pass",
                 &format!("{p:?} is not a variable name or a NAME* prefix"),
@@ -929,18 +953,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("engine.argv") && e.contains("element 2") && e.contains("{text}") && e.contains("{input_text}"),
+            e.contains("engine.argv")
+                && e.contains("element 2")
+                && e.contains("{text}")
+                && e.contains("{input_text}"),
             "{e}"
         );
     }
 
     #[test]
     fn task_text_that_could_be_an_option_is_warned_about() {
-        let c = parse("[engine]\nargv = [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]\n").unwrap();
+        let c = parse("[engine]\nargv = [\"espeak-ng\", \"-w\", \"{output}\", \"{input_text}\"]\n")
+            .unwrap();
         let w = c.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("element 3") && w[0].contains("\"--\""), "{w:?}");
-        assert!(parse("").unwrap().warnings().is_empty(), "the default is safe");
+        assert!(
+            w[0].contains("element 3") && w[0].contains("\"--\""),
+            "{w:?}"
+        );
+        assert!(
+            parse("").unwrap().warnings().is_empty(),
+            "the default is safe"
+        );
     }
 
     #[test]

@@ -142,6 +142,8 @@ pub async fn run(
     opts: Options,
     mut signals: mpsc::UnboundedReceiver<Sig>,
 ) -> anyhow::Result<()> {
+    // Temp files of this instance named before this instant are leftovers.
+    let started_at = std::time::SystemTime::now();
     let spool = Spool::new(&cfg.spool.dir);
     let settings = Arc::new(
         Settings::from_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?,
@@ -187,9 +189,12 @@ pub async fn run(
     metrics.set_slots(&engine::slots(&cfg));
     if let Some(addr) = &cfg.metrics.listen {
         let addr: std::net::SocketAddr = addr.parse()?;
-        crate::metrics::serve(addr, metrics.clone())
+        crate::api::serve(addr, crate::api::metrics_routes(metrics.clone()))
             .await
             .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {}", crate::util::io_msg(&e)))?;
+        metrics
+            .served
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         info!(%addr, "serving Prometheus metrics on /metrics");
     }
     let hooks = deliver::spawn(
@@ -236,6 +241,7 @@ pub async fn run(
     for w in cfg.warnings() {
         warn!("{w}");
     }
+    crate::engine::sweep::start(crate::engine::sweep::Sweeper::new(&cfg, started_at));
     let held = claimer.held();
     let mut d = Daemon {
         rules: TaskRules::from_config(&cfg),

@@ -20,6 +20,7 @@
 //!
 //! `main.rs` only parses the command line and maps errors to exit codes.
 
+pub mod api;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -74,7 +74,10 @@ mod tests {
             url("https://u:p@h.example/cb?token=abc#x"),
             "https://h.example/cb"
         );
-        assert_eq!(url("http://h.example:8080/a/b"), "http://h.example:8080/a/b");
+        assert_eq!(
+            url("http://h.example:8080/a/b"),
+            "http://h.example:8080/a/b"
+        );
         assert_eq!(url("not a url?token=abc"), "not a url");
     }
 

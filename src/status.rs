@@ -36,6 +36,10 @@ pub struct Counts {
     pub tasks_per_min_1h: f64,
     /// Age in seconds of the oldest pending file that still has unclaimed lines.
     pub oldest_pending_secs: Option<u64>,
+    /// Temp files and engine scratch that killed runs left, removed by the
+    /// sweeps of every daemon on the spool (in total, and their bytes).
+    pub swept_files: u64,
+    pub swept_bytes: u64,
 }
 
 pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
@@ -104,6 +108,10 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
         }
     }
     c.webhook_outbox = crate::webhook::outbox::depth(&spool);
+    for (_, st) in crate::engine::sweep::all_stats(&spool.root) {
+        c.swept_files += st.total_files;
+        c.swept_bytes += st.total_bytes;
+    }
     Ok(c)
 }
 
@@ -188,6 +196,12 @@ fn status_once(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8>
         for (k, n) in &c.webhooks {
             println!("  {k:<20} {n}");
         }
+    }
+    if c.swept_files > 0 {
+        println!(
+            "swept      {} leftover temp file(s) and engine scratch, {} bytes",
+            c.swept_files, c.swept_bytes
+        );
     }
     if c.unreadable_record_lines > 0 {
         println!(

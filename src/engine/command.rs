@@ -5,21 +5,23 @@
 //! non-empty RIFF/WAVE file from a child that exited 0 is fsynced and renamed
 //! onto the final name, so a partial file never appears there.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokio::sync::watch;
 
 use super::{has_wav_head, ChildEnv, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
-use crate::template::{Template, Var};
 use crate::spool::records::ErrorKind;
+use crate::template::{Template, Var};
 use crate::util::io_msg;
 
 pub struct CommandEngine {
     /// `engine.argv`, parsed once; the program resolved in `$PATH`.
     argv: Vec<Template>,
     env: ChildEnv,
+    /// Named in temp files, so a restart sweeps its own leftovers.
+    instance: String,
     timeout: std::time::Duration,
     kill_grace: std::time::Duration,
     name: String,
@@ -43,6 +45,7 @@ impl CommandEngine {
         CommandEngine {
             argv,
             env: ChildEnv::from_config(cfg),
+            instance: cfg.spool.instance.clone(),
             timeout: cfg.engine.timeout.0,
             kill_grace: cfg.engine.kill_grace.0,
             name: format!("command:{prog}"),
@@ -51,13 +54,6 @@ impl CommandEngine {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// The temporary output: hidden, in the final folder (same file system).
-    pub fn temp_path(output: &Path, trace_id: &str) -> PathBuf {
-        let dir = output.parent().unwrap_or(Path::new("."));
-        let stem = output.file_stem().unwrap_or_default().to_string_lossy();
-        dir.join(format!(".{stem}.{trace_id}.tmp.wav"))
     }
 
     /// Runs one job; `free` (when given) is released as soon as the child
@@ -84,7 +80,7 @@ impl CommandEngine {
         }
         // No stale file can hold this name: the trace id is new with every
         // claim, and a failed attempt removes its own temp file.
-        let tmp = Self::temp_path(&job.output, &job.trace_id);
+        let tmp = super::sweep::temp_path(&job.output, &self.instance, &job.trace_id);
         let t = &job.task;
         let (tmp_s, prompt_audio) = (
             tmp.to_string_lossy(),

@@ -87,7 +87,11 @@ impl GlmttsEngine {
         free: &mut SlotRelease,
     ) -> Vec<Outcome> {
         let n = jobs.len();
-        let name = format!("ttspool_{}", ulid::Ulid::new().to_string().to_lowercase());
+        let name = format!(
+            "{}{}",
+            super::sweep::BATCH_PREFIX,
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
         let input = self.root.join("examples").join(format!("{name}.jsonl"));
         let out_dir = self.out_dir(&name);
         let all = |kind, message: String| -> Vec<Outcome> {

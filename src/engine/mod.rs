@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod glmtts;
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 
@@ -273,9 +274,8 @@ pub fn move_into_place(src: &Path, dst: &Path) -> std::io::Result<()> {
     match res {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let dir = dst.parent().unwrap_or(Path::new("."));
-            let stem = dst.file_stem().unwrap_or_default().to_string_lossy();
-            let tmp = dir.join(format!(".{stem}.{}.tmp.wav", ulid::Ulid::new()));
+            // "~copy" is no instance name: only the age rule sweeps it.
+            let tmp = sweep::temp_path(dst, "~copy", &ulid::Ulid::new().to_string());
             let res = (|| {
                 std::fs::copy(src, &tmp)?;
                 std::fs::File::open(&tmp)?.sync_all()?;

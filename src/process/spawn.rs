@@ -27,8 +27,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
 use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
@@ -471,7 +471,8 @@ fn resolve(prog: &str, base: &BaseEnv, extra: &[(String, String)]) -> io::Result
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| OsString::from(v))
         .or_else(|| base.get("PATH").map(OsString::from));
-    crate::util::find_in_path(prog, path.as_deref()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    crate::util::find_in_path(prog, path.as_deref())
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@ impl Cidr {
     /// An IPv4-mapped network (`::ffff:10.0.0.0/104`) is its IPv4 network;
     /// its prefix must be at least 96, or it would not be one.
     pub fn parse(s: &str) -> Result<Cidr, String> {
-        let bad = |why: &str| format!("{s:?} is not a CIDR like \"10.0.0.0/8\" or \"fd00::/8\": {why}");
+        let bad =
+            |why: &str| format!("{s:?} is not a CIDR like \"10.0.0.0/8\" or \"fd00::/8\": {why}");
         let (a, b) = match s.split_once('/') {
             Some((a, b)) => (a, Some(b)),
             None => (s, None),
@@ -125,7 +126,10 @@ fn v4_kind(a: Ipv4Addr) -> Option<&'static str> {
         Some("IETF protocol assignment")
     } else if within([198, 18, 0, 0], 15) {
         Some("benchmarking")
-    } else if within([192, 0, 2, 0], 24) || within([198, 51, 100, 0], 24) || within([203, 0, 113, 0], 24) {
+    } else if within([192, 0, 2, 0], 24)
+        || within([198, 51, 100, 0], 24)
+        || within([203, 0, 113, 0], 24)
+    {
         Some("documentation")
     } else if o == [168, 63, 129, 16] {
         // Azure's wire server and metadata endpoint: a public-looking address.
@@ -191,7 +195,10 @@ pub struct Guard {
 impl Guard {
     pub fn new(allow_cidrs: &[String]) -> Guard {
         Guard {
-            allow: allow_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect(),
+            allow: allow_cidrs
+                .iter()
+                .filter_map(|c| Cidr::parse(c).ok())
+                .collect(),
         }
     }
 
@@ -320,7 +327,10 @@ mod tests {
             assert!(g.check(ip(bad)).is_err(), "{bad} should be refused");
         }
         let m = g.check(ip("64:ff9b::a9fe:a9fe")).unwrap_err();
-        assert!(m.contains("link-local") && m.contains("169.254.169.254") && m.contains("NAT64"), "{m}");
+        assert!(
+            m.contains("link-local") && m.contains("169.254.169.254") && m.contains("NAT64"),
+            "{m}"
+        );
         for good in [
             "93.184.216.34",
             "8.8.8.8",

@@ -20,9 +20,9 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use super::Message;
 use crate::spool::records::{Pos, RecordLog};
 use crate::spool::Spool;
-use crate::util::PRIVATE_FILE;
 use crate::util::fsync_dir;
+use crate::util::PRIVATE_FILE;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Header {

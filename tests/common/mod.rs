@@ -134,6 +134,11 @@ impl Env {
                 ),
                 ("timeout", "\"20s\"".into()),
                 ("kill_grace", "\"300ms\"".into()),
+                // The fake engines are steered by FAKE_* variables.
+                (
+                    "env_pass",
+                    "[\"PATH\", \"HOME\", \"LANG\", \"FAKE_*\"]".into(),
+                ),
             ],
             &self.engine_extra,
         );

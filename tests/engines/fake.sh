@@ -8,6 +8,11 @@ case "$text" in
   *EXIT1*)
     echo "boom: this engine fails on purpose for $id" >&2
     exit 1 ;;
+  *PARTIALHANG*)
+    # Half a WAV in the temp path, then hangs until released (a kill -9 of
+    # the daemon leaves the temp file behind).
+    printf 'RIFF\044\000' > "$out"
+    while [ ! -e "$FAKE_LOG.release" ]; do sleep 0.05; done ;;
   *HANGUNTILRELEASED*)
     # Hangs until the test creates "$FAKE_LOG.release".
     while [ ! -e "$FAKE_LOG.release" ]; do sleep 0.05; done ;;
