@@ -841,7 +841,15 @@ fn default_instance() -> String {
 }
 
 fn one_line_toml_error(e: &toml::de::Error, text: &str) -> String {
-    let msg = e.message().trim().to_string();
+    // toml's messages may span lines ("invalid table header\nduplicate key").
+    let msg = e
+        .message()
+        .trim()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ");
     match e.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];

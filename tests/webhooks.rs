@@ -433,3 +433,76 @@ fn at_most_four_deliveries_at_once_per_host() {
     assert!(peak <= 4, "{peak} requests at once to one host");
     assert!(peak >= 2, "deliveries are concurrent (peak {peak})");
 }
+
+#[test]
+fn a_token_in_a_callback_url_reaches_the_receiver_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start(dir.path(), 0);
+    // A dead target for the line that fails, so webhooks.jsonl gets a `dead`.
+    let env = hook_env(
+        &rx.url("/ok"),
+        "schedule = [\"100ms\"]\nheaders = { \"x-api-key\" = \"HEADERSECRET\" }\n",
+    );
+    let cb = |path: &str| {
+        format!(
+            "http://u:PASSSECRET@127.0.0.1:{}{path}?token=TOKENSECRET&x=1",
+            rx.port
+        )
+    };
+    let lines = format!(
+        "{{\"id\":\"t1\",\"input_text\":\"a\",\"output_name\":\"t1\",\"callback_url\":\"{}\"}}\n\
+         {{\"id\":\"t2\",\"input_text\":\"EXIT1\",\"output_name\":\"t2\",\"callback_url\":\"{}\"}}\n\
+         {{\"id\":\"t3\",\"input_txt\":\"typo\",\"output_name\":\"t3\",\"callback_url\":\"{}\"}}\n",
+        cb("/ok"),
+        cb("/gone"),
+        cb("/ok"),
+    );
+    env.drop_file("tok.jsonl", &lines);
+    let mut d = env.spawn("a");
+    wait_until(60, "3 records and their webhook outcomes", || {
+        env.records() == 3 && outcomes(&env).len() >= 3
+    });
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+    // Delivery used the full URL.
+    let reqs = rx.requests();
+    let to_tasks: Vec<&Value> = reqs.iter().filter(|r| r["path"] != "/ok" || r["query"] != "").collect();
+    assert!(
+        to_tasks
+            .iter()
+            .any(|r| r["query"].as_str().unwrap().contains("token=TOKENSECRET")),
+        "{reqs:#?}"
+    );
+    // Records, outcomes and the log hold none of the secrets.
+    let spool = env.spool();
+    for (name, text) in [
+        ("done.jsonl", std::fs::read_to_string(spool.join("done.jsonl")).unwrap()),
+        ("failed.jsonl", std::fs::read_to_string(spool.join("failed.jsonl")).unwrap()),
+        ("webhooks.jsonl", std::fs::read_to_string(spool.join("webhooks.jsonl")).unwrap()),
+        ("the log", std::fs::read_to_string(env.root().join("daemon-a.log")).unwrap()),
+    ] {
+        for secret in ["TOKENSECRET", "PASSSECRET", "HEADERSECRET"] {
+            assert!(!text.contains(secret), "{secret} in {name}:\n{text}");
+        }
+    }
+    let done = env.done();
+    assert_eq!(
+        done[0]["task"]["callback_url"],
+        format!("http://127.0.0.1:{}/ok", rx.port)
+    );
+    // Where the full URL must live, only the daemon's user can read it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let outbox = spool.join(".ttspool/outbox/a");
+    assert_eq!(mode(&outbox), 0o700);
+    let dead = spool.join(".ttspool/webhooks/dead");
+    assert_eq!(mode(&dead), 0o700);
+    let mut private = 0;
+    for dir in [&outbox, &dead] {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+            private += 1;
+        }
+    }
+    assert!(private > 0);
+}
