@@ -151,25 +151,6 @@ pub fn cut(s: &str, max: usize) -> &str {
     &s[..i]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_keeps_last_bytes() {
-        let mut t = Tail::new(4);
-        t.push(b"hello ");
-        t.push(b"world");
-        assert_eq!(t.text(), "orld");
-    }
-
-    #[test]
-    fn cut_respects_chars() {
-        assert_eq!(cut("订单", 4), "订");
-        assert_eq!(cut("ab", 4), "ab");
-    }
-}
-
 /// The program `prog` names: as given when it holds a `/`, else the first
 /// executable match in `path` (a `$PATH` value; the daemon's own when
 /// `None`, `/usr/local/bin:/usr/bin:/bin` when neither is set). The one
@@ -195,4 +176,23 @@ pub fn find_in_path(prog: &str, path: Option<&std::ffi::OsStr>) -> Option<std::p
     std::env::split_paths(paths)
         .map(|d| d.join(prog))
         .find(|p| is_exec(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_bytes() {
+        let mut t = Tail::new(4);
+        t.push(b"hello ");
+        t.push(b"world");
+        assert_eq!(t.text(), "orld");
+    }
+
+    #[test]
+    fn cut_respects_chars() {
+        assert_eq!(cut("订单", 4), "订");
+        assert_eq!(cut("ab", 4), "ab");
+    }
 }

@@ -73,7 +73,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
         any::<f64>().prop_map(|f| serde_json::json!(f)),
         "\\PC{0,60}".prop_map(Value::String),
         "[a-z0-9/._-]{0,30}".prop_map(Value::String),
@@ -114,9 +114,15 @@ fn task_line() -> impl Strategy<Value = Vec<u8>> {
                 .collect();
             serde_json::Value::Object(m).to_string().into_bytes()
         });
-    let valid = ("\\PC{1,60}", "[\\p{L}\\p{N}_.-]{1,20}(/[\\p{L}\\p{N}_.-]{1,20}){0,2}").prop_map(
-        |(text, name)| serde_json::json!({"input_text": text, "output_name": name}).to_string().into_bytes(),
-    );
+    let valid = (
+        "\\PC{1,60}",
+        "[\\p{L}\\p{N}_.-]{1,20}(/[\\p{L}\\p{N}_.-]{1,20}){0,2}",
+    )
+        .prop_map(|(text, name)| {
+            serde_json::json!({"input_text": text, "output_name": name})
+                .to_string()
+                .into_bytes()
+        });
     prop_oneof![
         3 => object,
         2 => valid,
@@ -200,7 +206,12 @@ fn producer_file_bytes() {
         for (i, l) in lines.iter().enumerate() {
             prop_assert_eq!(l.no(), i as u64 + 1);
             match l {
-                Line::Text { start, end, bytes: b, .. } => {
+                Line::Text {
+                    start,
+                    end,
+                    bytes: b,
+                    ..
+                } => {
                     prop_assert_eq!(*start, pos);
                     let raw = &bytes[*start as usize..*end as usize];
                     let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
@@ -214,7 +225,9 @@ fn producer_file_bytes() {
                     prop_assert!(b.len() <= max);
                     prop_assert!(!b.contains(&b'\n'));
                 }
-                Line::TooLong { start, len, head, .. } => {
+                Line::TooLong {
+                    start, len, head, ..
+                } => {
                     prop_assert_eq!(*start, pos);
                     prop_assert!(*len as usize > max);
                     prop_assert!(head.len() <= RAW_KEEP);
@@ -224,7 +237,8 @@ fn producer_file_bytes() {
         }
         prop_assert_eq!(pos, bytes.len() as u64, "every byte belongs to a line");
         // A cursor resumed at any line boundary reads the same lines.
-        if let Some(k) = (!lines.is_empty()).then(|| lines.len() / 2) {
+        if !lines.is_empty() {
+            let k = lines.len() / 2;
             let from = if k == 0 { 0 } else { lines[k - 1].end() };
             let again = read_all(&bytes, from, k as u64, max);
             prop_assert_eq!(&again[..], &lines[k..]);
@@ -234,24 +248,62 @@ fn producer_file_bytes() {
 }
 
 const KEYS: &[(&str, &[&str])] = &[
-    ("spool", &["dir", "watch", "poll_interval", "settle", "instance", "lease", "bogus"]),
+    (
+        "spool",
+        &[
+            "dir",
+            "watch",
+            "poll_interval",
+            "settle",
+            "instance",
+            "lease",
+            "bogus",
+        ],
+    ),
     ("output", &["dir"]),
     (
         "engine",
         &[
-            "kind", "argv", "voices_dir", "timeout", "kill_grace", "root", "python", "exp_name",
-            "sample_rate", "use_phoneme", "batch_max", "batch_wait", "load_timeout", "env_pass",
+            "kind",
+            "argv",
+            "voices_dir",
+            "timeout",
+            "kill_grace",
+            "root",
+            "python",
+            "exp_name",
+            "sample_rate",
+            "use_phoneme",
+            "batch_max",
+            "batch_wait",
+            "load_timeout",
+            "env_pass",
             "env",
         ],
     ),
-    ("gpu", &["devices", "slots_per_device", "max_parallel", "min_free_mib"]),
+    (
+        "gpu",
+        &[
+            "devices",
+            "slots_per_device",
+            "max_parallel",
+            "min_free_mib",
+        ],
+    ),
     ("retry", &["max_attempts", "backoff"]),
     ("limits", &["max_text_chars", "max_line_bytes"]),
     ("shutdown", &["grace"]),
     (
         "webhook",
         &[
-            "url", "events", "format", "secret", "timeout", "schedule", "headers", "allow_cidrs",
+            "url",
+            "events",
+            "format",
+            "secret",
+            "timeout",
+            "schedule",
+            "headers",
+            "allow_cidrs",
             "max_in_flight",
         ],
     ),

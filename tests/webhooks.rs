@@ -466,7 +466,10 @@ fn a_token_in_a_callback_url_reaches_the_receiver_and_nothing_else() {
     assert!(d.wait().unwrap().success());
     // Delivery used the full URL.
     let reqs = rx.requests();
-    let to_tasks: Vec<&Value> = reqs.iter().filter(|r| r["path"] != "/ok" || r["query"] != "").collect();
+    let to_tasks: Vec<&Value> = reqs
+        .iter()
+        .filter(|r| r["path"] != "/ok" || r["query"] != "")
+        .collect();
     assert!(
         to_tasks
             .iter()
@@ -476,10 +479,22 @@ fn a_token_in_a_callback_url_reaches_the_receiver_and_nothing_else() {
     // Records, outcomes and the log hold none of the secrets.
     let spool = env.spool();
     for (name, text) in [
-        ("done.jsonl", std::fs::read_to_string(spool.join("done.jsonl")).unwrap()),
-        ("failed.jsonl", std::fs::read_to_string(spool.join("failed.jsonl")).unwrap()),
-        ("webhooks.jsonl", std::fs::read_to_string(spool.join("webhooks.jsonl")).unwrap()),
-        ("the log", std::fs::read_to_string(env.root().join("daemon-a.log")).unwrap()),
+        (
+            "done.jsonl",
+            std::fs::read_to_string(spool.join("done.jsonl")).unwrap(),
+        ),
+        (
+            "failed.jsonl",
+            std::fs::read_to_string(spool.join("failed.jsonl")).unwrap(),
+        ),
+        (
+            "webhooks.jsonl",
+            std::fs::read_to_string(spool.join("webhooks.jsonl")).unwrap(),
+        ),
+        (
+            "the log",
+            std::fs::read_to_string(env.root().join("daemon-a.log")).unwrap(),
+        ),
     ] {
         for secret in ["TOKENSECRET", "PASSSECRET", "HEADERSECRET"] {
             assert!(!text.contains(secret), "{secret} in {name}:\n{text}");

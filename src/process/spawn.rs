@@ -42,8 +42,6 @@ use super::{BaseEnv, ChildSpec};
 /// system calls (glibc's posix_spawn uses 32 KiB plus the arguments).
 const CHILD_STACK: usize = 64 * 1024;
 
-/// Variables the daemon's own supervisor set for the daemon alone.
-
 /// Set once the kernel has refused `CLONE_PIDFD` (before Linux 5.2).
 static NO_PIDFD: AtomicBool = AtomicBool::new(false);
 
