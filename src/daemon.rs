@@ -28,7 +28,10 @@ use crate::config::Config;
 use crate::engine::{self, Engine, Job, Outcome, Slot, SlotRelease};
 use crate::metrics::Metrics;
 use crate::scheduler::{backoff, ClaimRef, Next, Scheduler, Work};
-use crate::spool::claim::{self, Batch, ClaimError, Claimed, Claimer, Held, HeldSet};
+use crate::spool::claim::{
+    self, Batch, ClaimError, Claimed, Claimer, CommitOutcome, Held, HeldSet, LeaseChange,
+    LeaseOwner,
+};
 use crate::spool::lines::{Line, RAW_KEEP};
 use crate::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
 use crate::spool::{watch as spool_watch, Spool};
@@ -59,6 +62,13 @@ pub struct Options {
     pub set_level: SetLogLevel,
 }
 
+/// A lease this daemon holds.
+struct HeldLease {
+    token: String,
+    /// Lines without a durable record yet.
+    lines: Vec<u64>,
+}
+
 /// A record on its way to disk, with the lease it settles.
 struct Commit {
     record: Record,
@@ -76,6 +86,7 @@ enum Event {
     /// A batch's children are gone; its outputs are still being finished.
     SlotFree(Slot),
     Finished {
+        batch_id: u64,
         slot: Slot,
         /// The engine already freed the slot (see SlotRelease).
         slot_freed: bool,
@@ -84,9 +95,11 @@ enum Event {
         started_at: String,
     },
     RetryDue(Box<Work>),
-    /// Records now durable (`true`) or dropped because the lease was taken
-    /// over by another daemon (`false`).
-    Committed(Vec<(Record, PathBuf, u64, bool)>),
+    /// Records written, each `Durable`, or `Fenced` (left out because
+    /// another daemon took its lease over).
+    Committed(Vec<(Record, PathBuf, u64, CommitOutcome)>),
+    /// A finished lease was deleted (or found to be another daemon's).
+    LeaseDeleted(PathBuf, Result<LeaseChange, ClaimError>),
     CommitFailed(String),
     /// Work on the blocking pool panicked.
     Crashed(String),
@@ -105,9 +118,13 @@ pub struct Daemon {
     sched: Scheduler,
     tx: mpsc::UnboundedSender<Event>,
     commit_tx: std::sync::mpsc::Sender<Commit>,
-    cancel: watch::Sender<bool>,
-    /// Outstanding lines per lease we hold.
-    leases: HashMap<PathBuf, Vec<u64>>,
+    /// The leases we hold: their token and outstanding lines.
+    leases: HashMap<PathBuf, HeldLease>,
+    /// Running batches: the leases their lines belong to, and their cancel.
+    running: HashMap<u64, (Vec<PathBuf>, watch::Sender<bool>)>,
+    next_batch_id: u64,
+    /// Every running batch was told to stop (shutdown): later ones too.
+    cancelled_all: bool,
     instance: String,
     dirty: bool,
     claiming: bool,
@@ -132,8 +149,12 @@ pub struct Daemon {
     /// Batches started and not yet finished (their slot may be free already).
     batches: usize,
     uncommitted: usize,
+    /// Finished leases being deleted on the blocking pool.
+    deleting: usize,
     stopping: u8,
     fatal: Option<String>,
+    /// The last claim error, for `--once`'s verdict.
+    last_error: Option<String>,
 }
 
 /// Runs the daemon until it is told to stop (or, with `once`, runs dry).
@@ -252,7 +273,10 @@ pub async fn run(
         held,
         tx,
         commit_tx,
-        cancel: watch::channel(false).0,
+        running: HashMap::new(),
+        next_batch_id: 0,
+        cancelled_all: false,
+        deleting: 0,
         leases: HashMap::new(),
         dirty: true,
         claiming: false,
@@ -271,6 +295,7 @@ pub async fn run(
         uncommitted: 0,
         stopping: 0,
         fatal: None,
+        last_error: None,
         opts,
         cfg,
     };
@@ -312,9 +337,28 @@ pub async fn run(
         };
         d.handle(ev);
     }
+    let unfinished: u64 = d.leases.values().map(|h| h.lines.len() as u64).sum();
     d.hand_back_all();
     drop(hints);
     info!(instance = %d.instance, "ttspool stopped");
+    if d.opts.once && d.stopping == 0 {
+        // `--once` promises to drain: say so when it did not.
+        let unclaimed = claim::summary(&spool, d.cfg.limits.max_line_bytes)
+            .map(|s| s.pending_lines)
+            .unwrap_or(0);
+        if unfinished + unclaimed > 0 {
+            let why = d
+                .last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "run --once left {} complete line(s) without a record: {unfinished} claimed and \
+                 handed back unfinished, {unclaimed} not claimed{why}",
+                unfinished + unclaimed
+            );
+        }
+    }
     Ok(())
 }
 
@@ -329,6 +373,7 @@ impl Daemon {
                     Ok(batch) => self.claimed(batch),
                     Err(e) => {
                         error!("claiming failed: {e}");
+                        self.last_error = Some(e.to_string());
                         self.last_claim_empty = true;
                     }
                 }
@@ -357,6 +402,7 @@ impl Daemon {
                 self.dirty = true;
             }
             Event::Finished {
+                batch_id,
                 slot,
                 slot_freed,
                 works,
@@ -368,6 +414,7 @@ impl Daemon {
                     self.metrics.slot_finished(&slot);
                 }
                 self.sched.finish(&works);
+                self.running.remove(&batch_id);
                 self.batches -= 1;
                 self.metrics
                     .in_flight
@@ -376,6 +423,11 @@ impl Daemon {
                 let n = works.len();
                 let mut again = Vec::new();
                 for (work, outcome) in works.into_iter().zip(outcomes) {
+                    if !self.leases.contains_key(&work.claim.lease) {
+                        // Its lease was lost meanwhile: the line is another
+                        // daemon's, whatever happened here.
+                        continue;
+                    }
                     again.extend(self.finished(&slot, n, work, outcome, started_at.clone()));
                 }
                 // Split batches go first, in their order.
@@ -385,13 +437,14 @@ impl Daemon {
             }
             Event::RetryDue(w) => {
                 self.retries -= 1;
-                if self.stopping == 0 {
+                if self.stopping == 0 && self.leases.contains_key(&w.claim.lease) {
                     self.sched.push_front(*w);
                 }
             }
             Event::Committed(list) => {
-                for (rec, lease, line, written) in list {
+                for (rec, lease, line, outcome) in list {
                     self.uncommitted -= 1;
+                    let written = outcome == CommitOutcome::Durable;
                     let c = rec.common();
                     if written {
                         let (kind, run) = match &rec {
@@ -410,11 +463,25 @@ impl Daemon {
                             .record(rec.status(), kind, run.filter(|d| !d.is_zero()));
                         info!(id = %c.id, trace_id = %c.trace_id, stage = rec.status(), file = %c.source.file, line = c.source.line, "{}", describe(&rec));
                     } else {
-                        warn!(id = %c.id, trace_id = %c.trace_id, "record dropped: another daemon took over this claim meanwhile");
+                        warn!(id = %c.id, trace_id = %c.trace_id, "record not written: another daemon took over this claim meanwhile and runs the line itself");
                     }
-                    self.settle_line(&lease, line);
+                    match outcome {
+                        CommitOutcome::Durable => self.settle_line(&lease, line),
+                        CommitOutcome::Fenced => self.lose_lease(&lease),
+                    }
                 }
                 self.dirty = true;
+            }
+            Event::LeaseDeleted(lease, res) => {
+                self.deleting -= 1;
+                self.held.lock().expect("held set").remove(&lease);
+                match res {
+                    Ok(LeaseChange::Done) => {}
+                    Ok(LeaseChange::NotOurs) => {
+                        warn!(lease = %lease.display(), "a finished lease had been taken over by another daemon; left it alone")
+                    }
+                    Err(e) => warn!("{e}"),
+                }
             }
             Event::CommitFailed(msg) => {
                 self.fatal = Some(format!("cannot write records: {msg}"));
@@ -439,7 +506,7 @@ impl Daemon {
                     });
                 } else {
                     warn!("second stop signal: killing running tasks now");
-                    let _ = self.cancel.send(true);
+                    self.cancel_all();
                 }
             }
             Event::Signal(Sig::Reload) => {
@@ -474,15 +541,18 @@ impl Daemon {
                         "shutdown.grace is over: killing running tasks; they are handed back"
                     );
                 }
-                let _ = self.cancel.send(true);
+                self.cancel_all();
             }
         }
     }
 
     /// True when the loop may end.
     fn done(&self) -> bool {
-        let idle =
-            self.batches == 0 && self.uncommitted == 0 && !self.claiming && !self.taking_over;
+        let idle = self.batches == 0
+            && self.uncommitted == 0
+            && self.deleting == 0
+            && !self.claiming
+            && !self.taking_over;
         if self.stopping > 0 {
             return idle;
         }
@@ -625,6 +695,9 @@ impl Daemon {
     }
 
     fn claimed(&mut self, batch: Batch) {
+        if let Some(e) = batch.errors.last() {
+            self.last_error = Some(e.clone());
+        }
         self.last_claim_empty = batch.lines.is_empty();
         if batch.lines.len() as u64 > 0 {
             self.dirty = true; // there may be more
@@ -643,7 +716,13 @@ impl Daemon {
             info!(file = %f, "file fully recorded; moved to pending/.consumed/");
         }
         for held in batch.leases {
-            self.leases.insert(held.path, held.doc.lines);
+            self.leases.insert(
+                held.path,
+                HeldLease {
+                    token: held.doc.token,
+                    lines: held.doc.lines,
+                },
+            );
         }
         let before = self.sched.queued();
         let claimed = batch.lines.len();
@@ -659,8 +738,13 @@ impl Daemon {
     }
 
     fn adopt(&mut self, held: Held, lines: Vec<Claimed>) {
-        self.leases
-            .insert(held.path, lines.iter().map(|c| c.no).collect());
+        self.leases.insert(
+            held.path,
+            HeldLease {
+                token: held.doc.token,
+                lines: lines.iter().map(|c| c.no).collect(),
+            },
+        );
         for c in lines {
             self.accept(c);
         }
@@ -873,7 +957,16 @@ impl Daemon {
         self.batches += 1;
         let engine = self.engine.clone();
         let tx = self.tx.clone();
-        let cancel = self.cancel.subscribe();
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let (cancel_tx, cancel) = watch::channel(self.cancelled_all);
+        self.running.insert(
+            batch_id,
+            (
+                works.iter().map(|w| w.claim.lease.clone()).collect(),
+                cancel_tx,
+            ),
+        );
         let (free_tx, free_slot) = (tx.clone(), slot.clone());
         let mut free = SlotRelease::new(move || {
             let _ = free_tx.send(Event::SlotFree(free_slot));
@@ -883,6 +976,7 @@ impl Daemon {
             let mut outcomes = engine.run_batch(&jobs, &slot, cancel, &mut free).await;
             outcomes.resize(works.len(), Outcome::Cancelled);
             let _ = tx.send(Event::Finished {
+                batch_id,
                 slot,
                 slot_freed: free.released(),
                 works,
@@ -905,6 +999,12 @@ impl Daemon {
         let id = work.job.task.id.clone();
         let trace = work.job.trace_id.clone();
         match outcome {
+            Outcome::Cancelled if self.stopping == 0 => {
+                // Stopped because its batch shared a lease that was lost:
+                // not this task's attempt; it runs again.
+                work.attempts -= 1;
+                return Some(work);
+            }
             Outcome::Cancelled => {
                 info!(id = %id, trace_id = %trace, "stopped by shutdown; handed back");
             }
@@ -1007,14 +1107,60 @@ impl Daemon {
     }
 
     /// A line's record is durable: drop it from its lease, and delete the
-    /// lease once all its lines are done.
+    /// lease once all its lines are done — if it is still ours: the delete
+    /// is compare-and-delete by token under the claim lock.
     fn settle_line(&mut self, lease: &PathBuf, line: u64) {
-        if let Some(lines) = self.leases.get_mut(lease) {
-            lines.retain(|&l| l != line);
-            if lines.is_empty() {
-                self.leases.remove(lease);
-                claim::release(&self.held, lease);
+        let Some(held) = self.leases.get_mut(lease) else {
+            return;
+        };
+        held.lines.retain(|&l| l != line);
+        if !held.lines.is_empty() {
+            return;
+        }
+        let token = self.leases.remove(lease).expect("held").token;
+        let spool = Spool::new(&self.cfg.spool.dir);
+        let path = lease.clone();
+        self.deleting += 1;
+        self.blocking(
+            move || {
+                let res = LeaseOwner::new(&spool).delete(&path, &token);
+                (path, res)
+            },
+            |(path, res)| Event::LeaseDeleted(path, res),
+        );
+    }
+
+    /// A commit was fenced: another daemon owns this lease now and runs its
+    /// lines. Forget it here — never delete, rewrite or hand it back — drop
+    /// its queued lines, and stop the children still running its lines, so
+    /// a GPU is not busy twice for one line.
+    fn lose_lease(&mut self, lease: &PathBuf) {
+        let Some(held) = self.leases.remove(lease) else {
+            return;
+        };
+        self.held.lock().expect("held set").remove(lease);
+        let queued = self.sched.drop_lease(lease);
+        let mut stopped = 0;
+        for (leases, cancel) in self.running.values() {
+            if leases.contains(lease) {
+                let _ = cancel.send(true);
+                stopped += 1;
             }
+        }
+        warn!(
+            lease = %lease.display(),
+            lines = held.lines.len(),
+            dropped_queued = queued,
+            stopped_batches = stopped,
+            "lost a lease to another daemon (this one was paused or judged dead past spool.lease); its lines are that daemon's now"
+        );
+    }
+
+    /// Tells every running batch (and, from now on, every new one) to stop.
+    fn cancel_all(&mut self) {
+        self.cancelled_all = true;
+        for (_, cancel) in self.running.values() {
+            let _ = cancel.send(true);
         }
     }
 
@@ -1025,9 +1171,9 @@ impl Daemon {
         }
         let c = self.claimer.lock().expect("claimer");
         let mut n = 0;
-        for (lease, lines) in self.leases.drain() {
-            n += lines.len();
-            if let Err(e) = c.hand_back(&lease) {
+        for (lease, held) in self.leases.drain() {
+            n += held.lines.len();
+            if let Err(e) = c.hand_back(&lease, &held.token) {
                 error!("{e}");
             }
         }
@@ -1176,7 +1322,7 @@ fn write_batch(
     log: &RecordLog,
     batch: &[Commit],
     webhooks: &Webhooks,
-) -> std::io::Result<Vec<bool>> {
+) -> std::io::Result<Vec<CommitOutcome>> {
     let mut dirs: Vec<&std::path::Path> = batch
         .iter()
         .filter_map(|c| match &c.record {
@@ -1197,18 +1343,22 @@ fn write_batch(
     if log.maybe_rotate_locked()? {
         info!("record logs rotated");
     }
-    let mut ours: HashMap<&PathBuf, bool> = HashMap::new();
+    let mut ours: HashMap<&PathBuf, CommitOutcome> = HashMap::new();
     let mut done = Vec::new();
     let mut failed = Vec::new();
     let mut written = Vec::with_capacity(batch.len());
     let mut messages = Vec::new();
     let settings = webhooks.settings.read().expect("settings").clone();
     for c in batch {
-        let ok = *ours
-            .entry(&c.lease)
-            .or_insert_with(|| claim::still_ours(&c.lease, &c.token));
-        written.push(ok);
-        if ok {
+        let outcome = *ours.entry(&c.lease).or_insert_with(|| {
+            if claim::still_ours(&c.lease, &c.token) {
+                CommitOutcome::Durable
+            } else {
+                CommitOutcome::Fenced
+            }
+        });
+        written.push(outcome);
+        if outcome == CommitOutcome::Durable {
             let line = c.record.to_line();
             if c.record.is_done() {
                 done.push(line);

@@ -178,6 +178,14 @@ impl Scheduler {
         }
     }
 
+    /// Drops the queued work of a lease that is no longer ours; returns how
+    /// many lines were dropped.
+    pub fn drop_lease(&mut self, lease: &PathBuf) -> usize {
+        let before = self.queue.len();
+        self.queue.retain(|w| &w.claim.lease != lease);
+        before - self.queue.len()
+    }
+
     /// Pops queued work without a slot (for skips and hand-backs).
     pub fn take_queue(&mut self) -> Vec<Work> {
         self.queue.drain(..).collect()

@@ -160,6 +160,8 @@ pub struct Batch {
     pub waiting: bool,
     /// Files moved to `pending/.consumed/`.
     pub consumed: Vec<String>,
+    /// Why some file could not be claimed from (also logged).
+    pub errors: Vec<String>,
 }
 
 struct Seen {
@@ -197,6 +199,8 @@ pub struct Claimer {
     /// Leases this process holds; shared with the daemon, which removes a
     /// lease here after deleting its file.
     held: HeldSet,
+    /// Files already reported as fully claimed but not fully recorded.
+    unrecorded_warned: HashSet<String>,
     _instance_lock: File,
 }
 
@@ -260,6 +264,7 @@ impl Claimer {
             alive,
             beats: 0,
             held: HeldSet::default(),
+            unrecorded_warned: HashSet::new(),
             _instance_lock: lock,
         };
         c.heartbeat()?;
@@ -337,15 +342,7 @@ impl Claimer {
     }
 
     fn lock_claims(&self) -> Result<File, ClaimError> {
-        let p = self.spool.claim_lock();
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(io_err("open", &p))?;
-        f.lock().map_err(io_err("lock", &p))?;
-        Ok(f)
+        lock_file(&self.spool.claim_lock())
     }
 
     /// Claims up to `want` lines, spread round-robin over the pending files
@@ -384,7 +381,10 @@ impl Claimer {
             let quota = remaining.div_ceil(n - i).max(1).min(remaining);
             match self.claim_file(e, quota, &mut batch) {
                 Ok(got) => remaining -= got,
-                Err(err) => tracing::error!(file = %e.name, "{err}"),
+                Err(err) => {
+                    tracing::error!(file = %e.name, "{err}");
+                    batch.errors.push(format!("{}: {err}", e.name));
+                }
             }
         }
         Ok(batch)
@@ -549,6 +549,23 @@ impl Claimer {
         if has_leases(dir)? {
             return Ok(());
         }
+        // The last line of defence: a file leaves pending/ only when every
+        // line it holds has its record. If one has none, something lost it
+        // (a bug, or a log edited by hand): keep the file, and say so.
+        let missing = self.unrecorded(e, dir, path)?;
+        if !missing.is_empty() {
+            if self.unrecorded_warned.insert(e.key()) {
+                let shown: Vec<String> = missing.iter().take(10).map(u64::to_string).collect();
+                tracing::error!(
+                    file = %e.name,
+                    missing = missing.len(),
+                    "every line is claimed and no lease is left, but line(s) {} have no record; \
+                     the file stays in pending/ (run `ttspool status` and report this as a bug)",
+                    shown.join(", ")
+                );
+            }
+            return Ok(());
+        }
         let consumed = self.spool.consumed();
         let mut target = consumed.join(&e.name);
         if target.exists() {
@@ -572,6 +589,35 @@ impl Claimer {
         self.seen.remove(&e.key());
         batch.consumed.push(e.name.clone());
         Ok(())
+    }
+
+    /// Line numbers of the file's current content (non-blank, complete)
+    /// that have no record under its current generation.
+    fn unrecorded(&self, e: &Entry, dir: &Path, path: &Path) -> Result<Vec<u64>, ClaimError> {
+        let cur = read_cursor(&dir.join("cursor"))?;
+        let file_id = format!("{}#{}", e.key(), cur.gen);
+        let mut recorded = HashSet::new();
+        self.log
+            .read_since(cur.since.unwrap_or_default(), |r, _, _| {
+                if r.file_id == file_id {
+                    recorded.insert(r.source.line);
+                }
+            })
+            .map_err(io_err("read", &self.log.done))?;
+        let file = File::open(path).map_err(io_err("open", path))?;
+        let mut reader =
+            LineReader::open(file, 0, 0, self.max_line_bytes).map_err(io_err("read", path))?;
+        let mut missing = Vec::new();
+        loop {
+            match reader.next(true).map_err(io_err("read", path))? {
+                Next::Line(l) if !l.is_blank() && !recorded.contains(&l.no()) => {
+                    missing.push(l.no())
+                }
+                Next::Line(_) => {}
+                Next::Partial | Next::Eof => break,
+            }
+        }
+        Ok(missing)
     }
 
     /// Counts the records of a file (all its generations).
@@ -780,19 +826,27 @@ impl Claimer {
         Ok(out)
     }
 
-    /// Marks a lease as handed back, for any daemon to take at once.
-    pub fn hand_back(&self, lease: &Path) -> Result<(), ClaimError> {
+    /// Marks a lease as handed back, for any daemon to take at once — if it
+    /// is still ours (`token`); see [`LeaseOwner`].
+    pub fn hand_back(&self, lease: &Path, token: &str) -> Result<(), ClaimError> {
         self.held.lock().expect("held set").remove(lease);
-        let Some(mut doc) = read_lease(lease) else {
-            return Ok(());
-        };
-        if doc.instance != self.instance {
-            return Ok(()); // taken over meanwhile: no longer ours to give
-        }
-        doc.released = true;
-        atomic_write(lease, &serde_json::to_vec(&doc).expect("lease serializes"))
-            .map_err(io_err("hand back", lease))
+        LeaseOwner::new(&self.spool)
+            .hand_back(lease, token)
+            .map(|_| ())
     }
+}
+
+/// How writing a record for a claimed line ended. Never a bare `bool`: a
+/// lost-record bug once hid behind one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The record is on disk; the line is settled.
+    Durable,
+    /// The lease is no longer ours (another daemon took it over while this
+    /// one was paused or judged dead): the record was not written, the new
+    /// owner runs the line, and this daemon must forget the lease — never
+    /// delete, rewrite or hand it back.
+    Fenced,
 }
 
 /// True if `lease` still names us with `token` (nobody took it over).
@@ -800,14 +854,79 @@ pub fn still_ours(lease: &Path, token: &str) -> bool {
     read_lease(lease).is_some_and(|d| d.token == token)
 }
 
-/// Deletes a lease whose lines all have durable records, then forgets it.
-pub fn release(held: &HeldSet, lease: &Path) {
-    if let Err(e) = fs::remove_file(lease) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(lease = %lease.display(), "cannot remove finished lease: {e}");
+/// What a compare-and-change of a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseChange {
+    /// The lease held our token and was changed.
+    Done,
+    /// Another daemon holds it now (or it is gone): left alone.
+    NotOurs,
+}
+
+/// Changes to a lease that are compare-and-set by token under the spool's
+/// claim lock, the lock takeovers hold: between reading our token and
+/// deleting (or handing back) the file, no other daemon can take it over.
+pub struct LeaseOwner<'a> {
+    spool: &'a Spool,
+}
+
+impl<'a> LeaseOwner<'a> {
+    pub fn new(spool: &'a Spool) -> LeaseOwner<'a> {
+        LeaseOwner { spool }
+    }
+
+    fn locked<T>(
+        &self,
+        lease: &Path,
+        token: &str,
+        f: impl FnOnce(LeaseDoc) -> Result<T, ClaimError>,
+    ) -> Result<Option<T>, ClaimError> {
+        let _lock = lock_file(&self.spool.claim_lock())?;
+        match read_lease(lease) {
+            Some(doc) if doc.token == token => f(doc).map(Some),
+            _ => Ok(None),
         }
     }
-    held.lock().expect("held set").remove(lease);
+
+    /// Deletes a lease whose lines all have durable records, if it is ours.
+    pub fn delete(&self, lease: &Path, token: &str) -> Result<LeaseChange, ClaimError> {
+        let done = self.locked(lease, token, |_| match fs::remove_file(lease) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove finished lease", lease)(e)),
+        })?;
+        Ok(if done.is_some() {
+            LeaseChange::Done
+        } else {
+            LeaseChange::NotOurs
+        })
+    }
+
+    /// Marks a lease of ours as handed back, for any daemon to take at once.
+    pub fn hand_back(&self, lease: &Path, token: &str) -> Result<LeaseChange, ClaimError> {
+        let done = self.locked(lease, token, |mut doc| {
+            doc.released = true;
+            atomic_write(lease, &serde_json::to_vec(&doc).expect("lease serializes"))
+                .map_err(io_err("hand back", lease))
+        })?;
+        Ok(if done.is_some() {
+            LeaseChange::Done
+        } else {
+            LeaseChange::NotOurs
+        })
+    }
+}
+
+/// Opens and locks one of our sidecar lock files (never a producer's file).
+fn lock_file(p: &Path) -> Result<File, ClaimError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map_err(io_err("open", p))?;
+    f.lock().map_err(io_err("lock", p))?;
+    Ok(f)
 }
 
 pub fn read_lease(p: &Path) -> Option<LeaseDoc> {

@@ -35,6 +35,10 @@ case "$text" in
     exit 0 ;;
   *SLOW*)
     sleep 1 ;;
+  *SLEEP6*)
+    sleep 6 ;;
+  *NAP*)
+    sleep 0.2 ;;
 esac
 case "$text" in
   *FAILONCE*)

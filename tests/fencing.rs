@@ -1,0 +1,135 @@
+//! A daemon wrongly judged dead — paused past its lease by SIGSTOP, as a
+//! GC-like pause, a stalled NFS call or a frozen VM would — must never cost a
+//! line its record. Real daemons, real signals.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn signal(child: &Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// Every record, by (file, line): how many each line has.
+fn per_line(env: &Env) -> HashMap<(String, u64), usize> {
+    let mut out = HashMap::new();
+    for r in env.done().into_iter().chain(env.failed()) {
+        let key = (
+            r["source"]["file"].as_str().unwrap().to_string(),
+            r["source"]["line"].as_u64().unwrap(),
+        );
+        *out.entry(key).or_default() += 1;
+    }
+    out
+}
+
+#[test]
+fn a_daemon_paused_past_its_lease_costs_no_line_its_record() {
+    let mut env = Env::new("[gpu]\nmax_parallel = 2\n");
+    env.spool_extra = "lease = \"3s\"".into();
+    env.write_config();
+    env.drop_file(
+        "p.jsonl",
+        &(task_line("p0", "SLEEP6") + &task_line("p1", "SLEEP6")),
+    );
+    let mut a = env.spawn("a");
+    wait_until(30, "a starts both tasks", || env.starts().len() == 2);
+    signal(&a, "STOP");
+    let mut b = env.spawn("b");
+    wait_until(30, "b takes both over and starts them", || {
+        env.starts().values().all(|&n| n == 2) && env.starts().len() == 2
+    });
+    // a wakes while b runs the lines: its children have finished, its
+    // records are fenced, and it must not touch b's lease.
+    signal(&a, "CONT");
+    wait_until(60, "a record for each line", || per_line(&env).len() == 2);
+    wait_until(30, "the file consumed", || {
+        std::fs::read_dir(env.spool().join("pending"))
+            .unwrap()
+            .flatten()
+            .all(|e| e.file_name().to_string_lossy().starts_with('.'))
+    });
+    sigterm(&a);
+    sigterm(&b);
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let lines = per_line(&env);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.values().all(|&n| n == 1), "{lines:?}");
+    assert!(env.failed().is_empty(), "{:#?}", env.failed());
+    let log_a = std::fs::read_to_string(env.root().join("daemon-a.log")).unwrap();
+    assert!(log_a.contains("lost a lease to another daemon"), "{log_a}");
+}
+
+#[test]
+fn three_daemons_under_random_pauses_record_each_line_once() {
+    let mut env = Env::new("[gpu]\nmax_parallel = 2\n");
+    env.spool_extra = "lease = \"2s\"".into();
+    env.write_config();
+    let names = ["x", "y", "z"];
+    let mut daemons: Vec<Child> = names.iter().map(|n| env.spawn(n)).collect();
+    let content: String = (0..300)
+        .map(|i| task_line(&format!("r{i}"), "NAP"))
+        .collect();
+    env.drop_file("r.jsonl", &content);
+    // A small deterministic generator: the same pauses on every run.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let started = Instant::now();
+    let mut paused: Vec<Option<Instant>> = vec![None; 3];
+    while started.elapsed() < Duration::from_secs(45) && per_line(&env).len() < 300 {
+        let i = rand(3) as usize;
+        match paused[i] {
+            None if paused.iter().filter(|p| p.is_some()).count() < 2 => {
+                signal(&daemons[i], "STOP");
+                // 0.3 to 5 s
+                paused[i] = Some(Instant::now() + Duration::from_millis(300 + rand(4700)));
+            }
+            _ => {}
+        }
+        for (j, p) in paused.iter_mut().enumerate() {
+            if p.is_some_and(|until| until <= Instant::now()) {
+                signal(&daemons[j], "CONT");
+                *p = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100 + rand(400)));
+    }
+    for (j, p) in paused.iter().enumerate() {
+        if p.is_some() {
+            signal(&daemons[j], "CONT");
+        }
+    }
+    wait_until(120, "a record for each of 300 lines", || {
+        per_line(&env).len() == 300
+    });
+    for d in &daemons {
+        sigterm(d);
+    }
+    for d in &mut daemons {
+        assert!(d.wait().unwrap().success());
+    }
+    let lines = per_line(&env);
+    assert_eq!(lines.len(), 300);
+    let twice: Vec<_> = lines.iter().filter(|(_, &n)| n != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "lines with more than one record: {twice:?}"
+    );
+    assert!(env.failed().is_empty(), "{:#?}", env.failed());
+}
