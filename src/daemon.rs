@@ -32,6 +32,7 @@ use crate::spool::claim::{
     self, Batch, ClaimError, Claimed, Claimer, CommitOutcome, Held, HeldSet, LeaseChange,
     LeaseOwner,
 };
+use crate::spool::lease::{LeaseBook, Settled};
 use crate::spool::lines::{Line, RAW_KEEP};
 use crate::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
 use crate::spool::{watch as spool_watch, Spool};
@@ -60,13 +61,6 @@ pub struct Options {
     /// Drain what is pending now, then exit.
     pub once: bool,
     pub set_level: SetLogLevel,
-}
-
-/// A lease this daemon holds.
-struct HeldLease {
-    token: String,
-    /// Lines without a durable record yet.
-    lines: Vec<u64>,
 }
 
 /// A record on its way to disk, with the lease it settles.
@@ -119,7 +113,7 @@ pub struct Daemon {
     tx: mpsc::UnboundedSender<Event>,
     commit_tx: std::sync::mpsc::Sender<Commit>,
     /// The leases we hold: their token and outstanding lines.
-    leases: HashMap<PathBuf, HeldLease>,
+    leases: LeaseBook,
     /// Running batches: the leases their lines belong to, and their cancel.
     running: HashMap<u64, (Vec<PathBuf>, watch::Sender<bool>)>,
     next_batch_id: u64,
@@ -277,7 +271,7 @@ pub async fn run(
         next_batch_id: 0,
         cancelled_all: false,
         deleting: 0,
-        leases: HashMap::new(),
+        leases: LeaseBook::default(),
         dirty: true,
         claiming: false,
         webhooks_busy: false,
@@ -337,7 +331,7 @@ pub async fn run(
         };
         d.handle(ev);
     }
-    let unfinished: u64 = d.leases.values().map(|h| h.lines.len() as u64).sum();
+    let unfinished = d.leases.unfinished();
     d.hand_back_all();
     drop(hints);
     info!(instance = %d.instance, "ttspool stopped");
@@ -423,7 +417,7 @@ impl Daemon {
                 let n = works.len();
                 let mut again = Vec::new();
                 for (work, outcome) in works.into_iter().zip(outcomes) {
-                    if !self.leases.contains_key(&work.claim.lease) {
+                    if !self.leases.holds(&work.claim.lease) {
                         // Its lease was lost meanwhile: the line is another
                         // daemon's, whatever happened here.
                         continue;
@@ -437,7 +431,7 @@ impl Daemon {
             }
             Event::RetryDue(w) => {
                 self.retries -= 1;
-                if self.stopping == 0 && self.leases.contains_key(&w.claim.lease) {
+                if self.stopping == 0 && self.leases.holds(&w.claim.lease) {
                     self.sched.push_front(*w);
                 }
             }
@@ -465,9 +459,10 @@ impl Daemon {
                     } else {
                         warn!(id = %c.id, trace_id = %c.trace_id, "record not written: another daemon took over this claim meanwhile and runs the line itself");
                     }
-                    match outcome {
-                        CommitOutcome::Durable => self.settle_line(&lease, line),
-                        CommitOutcome::Fenced => self.lose_lease(&lease),
+                    match self.leases.committed(&lease, line, outcome) {
+                        Settled::Pending | Settled::Unknown => {}
+                        Settled::Finished { token } => self.delete_lease(lease, token),
+                        Settled::Lost { lines } => self.lose_lease(&lease, lines),
                     }
                 }
                 self.dirty = true;
@@ -716,13 +711,7 @@ impl Daemon {
             info!(file = %f, "file fully recorded; moved to pending/.consumed/");
         }
         for held in batch.leases {
-            self.leases.insert(
-                held.path,
-                HeldLease {
-                    token: held.doc.token,
-                    lines: held.doc.lines,
-                },
-            );
+            self.leases.hold(held.path, held.doc.token, held.doc.lines);
         }
         let before = self.sched.queued();
         let claimed = batch.lines.len();
@@ -738,12 +727,10 @@ impl Daemon {
     }
 
     fn adopt(&mut self, held: Held, lines: Vec<Claimed>) {
-        self.leases.insert(
+        self.leases.hold(
             held.path,
-            HeldLease {
-                token: held.doc.token,
-                lines: lines.iter().map(|c| c.no).collect(),
-            },
+            held.doc.token,
+            lines.iter().map(|c| c.no).collect(),
         );
         for c in lines {
             self.accept(c);
@@ -1106,27 +1093,17 @@ impl Daemon {
         }
     }
 
-    /// A line's record is durable: drop it from its lease, and delete the
-    /// lease once all its lines are done — if it is still ours: the delete
-    /// is compare-and-delete by token under the claim lock.
-    fn settle_line(&mut self, lease: &PathBuf, line: u64) {
-        let Some(held) = self.leases.get_mut(lease) else {
-            return;
-        };
-        held.lines.retain(|&l| l != line);
-        if !held.lines.is_empty() {
-            return;
-        }
-        let token = self.leases.remove(lease).expect("held").token;
+    /// Every line of a lease has its record: delete it — if it is still
+    /// ours: compare-and-delete by token under the claim lock.
+    fn delete_lease(&mut self, lease: PathBuf, token: String) {
         let spool = Spool::new(&self.cfg.spool.dir);
-        let path = lease.clone();
         self.deleting += 1;
         self.blocking(
             move || {
-                let res = LeaseOwner::new(&spool).delete(&path, &token);
-                (path, res)
+                let res = LeaseOwner::new(&spool).delete(&lease, &token);
+                (lease, res)
             },
-            |(path, res)| Event::LeaseDeleted(path, res),
+            |(lease, res)| Event::LeaseDeleted(lease, res),
         );
     }
 
@@ -1134,10 +1111,7 @@ impl Daemon {
     /// lines. Forget it here — never delete, rewrite or hand it back — drop
     /// its queued lines, and stop the children still running its lines, so
     /// a GPU is not busy twice for one line.
-    fn lose_lease(&mut self, lease: &PathBuf) {
-        let Some(held) = self.leases.remove(lease) else {
-            return;
-        };
+    fn lose_lease(&mut self, lease: &PathBuf, lines: usize) {
         self.held.lock().expect("held set").remove(lease);
         let queued = self.sched.drop_lease(lease);
         let mut stopped = 0;
@@ -1149,7 +1123,7 @@ impl Daemon {
         }
         warn!(
             lease = %lease.display(),
-            lines = held.lines.len(),
+            lines,
             dropped_queued = queued,
             stopped_batches = stopped,
             "lost a lease to another daemon (this one was paused or judged dead past spool.lease); its lines are that daemon's now"
@@ -1171,7 +1145,8 @@ impl Daemon {
         }
         let c = self.claimer.lock().expect("claimer");
         let mut n = 0;
-        for (lease, held) in self.leases.drain() {
+        let mut leases = std::mem::take(&mut self.leases);
+        for (lease, held) in leases.drain() {
             n += held.lines.len();
             if let Err(e) = c.hand_back(&lease, &held.token) {
                 error!("{e}");

@@ -1,0 +1,479 @@
+//! A model test of the claim protocol: several simulated daemons, each a
+//! real `Claimer` on one real spool folder plus the daemon's lease
+//! bookkeeping (`LeaseBook`), driven through random interleavings of claim,
+//! start, finish (commit), pause (no beats, no progress), resume, crash,
+//! restart, takeover, and producers appending. Any daemon may be judged dead
+//! at any moment (`spool.lease` is zero here), which is exactly the case
+//! fencing must survive.
+//!
+//! After every step: no lease vanishes while a line it covers has no record,
+//! only its owner (or a daemon taking it over) removes it, and no line has
+//! two records. At the end, with every daemon resumed: every complete line
+//! has exactly one record.
+//!
+//! `the_model_finds_the_old_lost_record_bug` runs the same model with the
+//! bookkeeping the daemon had before fencing (a fenced record still settled
+//! its line, and a settled lease was unlinked without a token check) and
+//! requires the model to find a counterexample.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config as PtConfig, TestCaseError, TestRunner};
+use ttspool::spool::claim::{
+    read_lease, still_ours, Claimed, Claimer, CommitOutcome, LeaseDoc, LeaseOwner,
+};
+use ttspool::spool::lease::{LeaseBook, Settled};
+use ttspool::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
+use ttspool::spool::Spool;
+
+const DAEMONS: usize = 3;
+const FILES: usize = 2;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Beat(usize),
+    Claim(usize, usize),
+    TakeOver(usize),
+    Start(usize),
+    Finish(usize),
+    Pause(usize),
+    Resume(usize),
+    Crash(usize),
+    Restart(usize),
+    Append(usize, usize, bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let d = 0..DAEMONS;
+    prop_oneof![
+        2 => d.clone().prop_map(Op::Beat),
+        3 => (d.clone(), 1usize..4).prop_map(|(i, n)| Op::Claim(i, n)),
+        2 => d.clone().prop_map(Op::TakeOver),
+        3 => d.clone().prop_map(Op::Start),
+        4 => d.clone().prop_map(Op::Finish),
+        1 => d.clone().prop_map(Op::Pause),
+        1 => d.clone().prop_map(Op::Resume),
+        1 => d.clone().prop_map(Op::Crash),
+        1 => d.clone().prop_map(Op::Restart),
+        2 => (0..FILES, 1usize..4, any::<bool>()).prop_map(|(f, n, b)| Op::Append(f, n, b)),
+    ]
+}
+
+/// How a daemon keeps its leases: as today, or as before fencing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Fenced,
+    Old,
+}
+
+/// The daemon's bookkeeping before fencing, reproduced: every commit settled
+/// its line, whatever the outcome, and a settled lease was unlinked.
+#[derive(Default)]
+struct OldBook {
+    leases: HashMap<PathBuf, Vec<u64>>,
+}
+
+struct Daemon {
+    name: String,
+    claimer: Option<Claimer>,
+    book: LeaseBook,
+    old: OldBook,
+    queue: Vec<Claimed>,
+    running: Vec<Claimed>,
+    paused: bool,
+}
+
+struct World {
+    mode: Mode,
+    spool: Spool,
+    log: RecordLog,
+    daemons: Vec<Daemon>,
+    /// Per file slot: its current name and how many names it has had.
+    names: Vec<(String, usize)>,
+    /// Non-blank lines appended, per file name.
+    expected: BTreeMap<String, u64>,
+}
+
+fn open_claimer(spool: &Spool, name: &str) -> Claimer {
+    Claimer::open(spool, name, 4096, Duration::ZERO, Duration::ZERO).unwrap()
+}
+
+impl World {
+    fn new(dir: &Path, mode: Mode) -> World {
+        let spool = Spool::new(dir);
+        std::fs::create_dir_all(spool.pending()).unwrap();
+        let daemons = (0..DAEMONS)
+            .map(|i| {
+                let name = format!("d{i}");
+                Daemon {
+                    claimer: Some(open_claimer(&spool, &name)),
+                    name,
+                    book: LeaseBook::default(),
+                    old: OldBook::default(),
+                    queue: Vec::new(),
+                    running: Vec::new(),
+                    paused: false,
+                }
+            })
+            .collect();
+        World {
+            mode,
+            log: RecordLog::new(&spool),
+            spool,
+            daemons,
+            names: (0..FILES).map(|f| (format!("f{f}_0.jsonl"), 0)).collect(),
+            expected: BTreeMap::new(),
+        }
+    }
+
+    fn hold(&mut self, i: usize, lease: PathBuf, token: String, lines: Vec<u64>) {
+        let d = &mut self.daemons[i];
+        d.old.leases.insert(lease.clone(), lines.clone());
+        d.book.hold(lease, token, lines);
+    }
+
+    /// The committer: under the records lock, a record is written only if
+    /// its lease still carries the token it was claimed with.
+    fn commit(&self, i: usize, c: &Claimed) -> CommitOutcome {
+        let _g = self.log.lock().unwrap();
+        if !still_ours(&c.lease, &c.token) {
+            return CommitOutcome::Fenced;
+        }
+        let rec = Record::Failed {
+            common: Common {
+                id: format!("{}:{}", c.file, c.no),
+                source: Source {
+                    file: c.file.clone(),
+                    line: c.no,
+                },
+                trace_id: ulid::Ulid::new().to_string(),
+                instance: self.daemons[i].name.clone(),
+                file_id: c.file_id.clone(),
+            },
+            kind: ErrorKind::EngineFailed,
+            message: "model".into(),
+            attempts: 1,
+            task: None,
+            raw: None,
+            stderr_tail: None,
+        };
+        RecordLog::append_locked(&self.log.failed, &[rec.to_line()]).unwrap();
+        CommitOutcome::Durable
+    }
+
+    fn step(&mut self, op: &Op) {
+        let alive = |w: &World, i: usize| !w.daemons[i].paused && w.daemons[i].claimer.is_some();
+        match *op {
+            Op::Beat(i) if alive(self, i) => {
+                let _ = self.daemons[i].claimer.as_mut().unwrap().heartbeat();
+            }
+            Op::Claim(i, n) if alive(self, i) => {
+                let batch = self.daemons[i].claimer.as_mut().unwrap().claim(n).unwrap();
+                for h in batch.leases {
+                    self.hold(i, h.path, h.doc.token, h.doc.lines);
+                }
+                self.daemons[i].queue.extend(batch.lines);
+            }
+            Op::TakeOver(i) if alive(self, i) => {
+                let got = self.daemons[i]
+                    .claimer
+                    .as_mut()
+                    .unwrap()
+                    .take_over()
+                    .unwrap();
+                for (h, lines) in got {
+                    self.hold(i, h.path, h.doc.token, lines.iter().map(|c| c.no).collect());
+                    self.daemons[i].queue.extend(lines);
+                }
+            }
+            Op::Start(i) if alive(self, i) => {
+                let d = &mut self.daemons[i];
+                if !d.queue.is_empty() {
+                    let c = d.queue.remove(0);
+                    d.running.push(c);
+                }
+            }
+            Op::Finish(i) if alive(self, i) => {
+                if self.daemons[i].running.is_empty() {
+                    return;
+                }
+                let c = self.daemons[i].running.remove(0);
+                let outcome = self.commit(i, &c);
+                match self.mode {
+                    Mode::Fenced => match self.daemons[i].book.committed(&c.lease, c.no, outcome) {
+                        Settled::Finished { token } => {
+                            LeaseOwner::new(&self.spool)
+                                .delete(&c.lease, &token)
+                                .unwrap();
+                        }
+                        Settled::Lost { .. } => {
+                            let d = &mut self.daemons[i];
+                            d.queue.retain(|q| q.lease != c.lease);
+                            d.running.retain(|q| q.lease != c.lease);
+                        }
+                        Settled::Pending | Settled::Unknown => {}
+                    },
+                    Mode::Old => {
+                        let d = &mut self.daemons[i];
+                        if let Some(lines) = d.old.leases.get_mut(&c.lease) {
+                            lines.retain(|&l| l != c.no);
+                            if lines.is_empty() {
+                                d.old.leases.remove(&c.lease);
+                                let _ = std::fs::remove_file(&c.lease);
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Pause(i) => self.daemons[i].paused = true,
+            Op::Resume(i) => self.daemons[i].paused = false,
+            Op::Crash(i) => {
+                let d = &mut self.daemons[i];
+                d.claimer = None;
+                d.book = LeaseBook::default();
+                d.old = OldBook::default();
+                d.queue.clear();
+                d.running.clear();
+                d.paused = false;
+            }
+            Op::Restart(i) if self.daemons[i].claimer.is_none() => {
+                let c = open_claimer(&self.spool, &self.daemons[i].name);
+                self.daemons[i].claimer = Some(c);
+            }
+            Op::Append(f, n, blank) => {
+                let pending = self.spool.pending();
+                if !pending.join(&self.names[f].0).exists()
+                    && self.expected.contains_key(&self.names[f].0)
+                {
+                    // Consumed: a producer publishes under a new name.
+                    self.names[f].1 += 1;
+                    self.names[f].0 = format!("f{f}_{}.jsonl", self.names[f].1);
+                }
+                let name = self.names[f].0.clone();
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(pending.join(&name))
+                    .unwrap();
+                let mut text = String::new();
+                for k in 0..n {
+                    text.push_str(&format!(
+                        "{{\"input_text\":\"x\",\"output_name\":\"{name}{k}\"}}\n"
+                    ));
+                    if blank {
+                        text.push('\n');
+                    }
+                }
+                file.write_all(text.as_bytes()).unwrap();
+                *self.expected.entry(name).or_default() += n as u64;
+            }
+            _ => {}
+        }
+    }
+
+    fn leases(&self) -> HashMap<PathBuf, LeaseDoc> {
+        let mut out = HashMap::new();
+        let Ok(rd) = std::fs::read_dir(self.spool.root.join(".ttspool/files")) else {
+            return out;
+        };
+        for dir in rd.flatten() {
+            for f in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.file_name().to_string_lossy().starts_with("lease-") {
+                    if let Some(doc) = read_lease(&f.path()) {
+                        out.insert(f.path(), doc);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Records per (file, line).
+    fn records(&self) -> HashMap<(String, u64), usize> {
+        let mut out = HashMap::new();
+        self.log
+            .read_all(|r, _, _| {
+                *out.entry((r.source.file.clone(), r.source.line))
+                    .or_default() += 1
+            })
+            .unwrap();
+        out
+    }
+
+    /// Line numbers of the non-blank lines of each file name.
+    fn lines(&self) -> HashSet<(String, u64)> {
+        let mut out = HashSet::new();
+        for name in self.expected.keys() {
+            let p = self.spool.pending().join(name);
+            let text = std::fs::read_to_string(&p)
+                .or_else(|_| std::fs::read_to_string(self.spool.consumed().join(name)))
+                .unwrap();
+            for (i, l) in text.split('\n').enumerate() {
+                if !l.trim().is_empty() {
+                    out.insert((name.clone(), i as u64 + 1));
+                }
+            }
+        }
+        out
+    }
+
+    fn check_step(
+        &self,
+        op: &Op,
+        before: &HashMap<PathBuf, LeaseDoc>,
+    ) -> Result<(), TestCaseError> {
+        let after = self.leases();
+        let records = self.records();
+        if let Some((k, n)) = records.iter().find(|(_, &n)| n > 1) {
+            return Err(TestCaseError::fail(format!(
+                "line {k:?} has {n} records after {op:?}"
+            )));
+        }
+        for (path, doc) in before {
+            if after.contains_key(path) {
+                continue;
+            }
+            let unrecorded: Vec<u64> = doc
+                .lines
+                .iter()
+                .copied()
+                .filter(|&l| !records.contains_key(&(doc.file.clone(), l)))
+                .collect();
+            if !unrecorded.is_empty() {
+                return Err(TestCaseError::fail(format!(
+                    "{op:?} removed lease {} of {} while lines {unrecorded:?} had no record",
+                    path.display(),
+                    doc.instance
+                )));
+            }
+            let actor = match op {
+                Op::Finish(i) | Op::TakeOver(i) | Op::Claim(i, _) => &self.daemons[*i].name,
+                _ => {
+                    return Err(TestCaseError::fail(format!(
+                        "lease {} vanished on {op:?}",
+                        path.display()
+                    )))
+                }
+            };
+            if matches!(op, Op::Finish(_)) && &doc.instance != actor {
+                return Err(TestCaseError::fail(format!(
+                    "{actor} deleted lease {} owned by {}",
+                    path.display(),
+                    doc.instance
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Everyone wakes up and works until nothing is left.
+    fn drain(&mut self) -> Result<(), TestCaseError> {
+        for i in 0..DAEMONS {
+            self.step(&Op::Resume(i));
+            self.step(&Op::Restart(i));
+        }
+        for _ in 0..40 {
+            for i in 0..DAEMONS {
+                for op in [Op::Beat(i), Op::TakeOver(i), Op::Claim(i, 64)] {
+                    let before = self.leases();
+                    self.step(&op);
+                    self.check_step(&op, &before)?;
+                }
+                while !self.daemons[i].queue.is_empty() || !self.daemons[i].running.is_empty() {
+                    for op in [Op::Start(i), Op::Finish(i)] {
+                        let before = self.leases();
+                        self.step(&op);
+                        self.check_step(&op, &before)?;
+                    }
+                }
+            }
+            let pending_left = std::fs::read_dir(self.spool.pending())
+                .unwrap()
+                .flatten()
+                .any(|e| !e.file_name().to_string_lossy().starts_with('.'));
+            if !pending_left && self.leases().is_empty() {
+                break;
+            }
+        }
+        let records = self.records();
+        let lines = self.lines();
+        let missing: Vec<_> = lines.iter().filter(|k| !records.contains_key(*k)).collect();
+        if !missing.is_empty() {
+            return Err(TestCaseError::fail(format!(
+                "lines without a record at the end: {missing:?}"
+            )));
+        }
+        if let Some((k, n)) = records.iter().find(|(_, &n)| n != 1) {
+            return Err(TestCaseError::fail(format!("line {k:?} has {n} records")));
+        }
+        Ok(())
+    }
+}
+
+fn run_model(mode: Mode, ops: &[Op]) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir_in(shm()).unwrap();
+    let mut w = World::new(dir.path(), mode);
+    for op in ops {
+        let before = w.leases();
+        w.step(op);
+        w.check_step(op, &before)?;
+    }
+    w.drain()
+}
+
+/// A RAM-backed folder where one exists: the model does many fsyncs.
+fn shm() -> PathBuf {
+    let p = PathBuf::from("/dev/shm");
+    if p.is_dir() {
+        p
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(96)
+}
+
+#[test]
+fn every_line_gets_exactly_one_record_under_any_interleaving() {
+    let mut runner = TestRunner::new(PtConfig {
+        cases: cases(),
+        failure_persistence: None,
+        ..PtConfig::default()
+    });
+    let res = runner.run(&prop::collection::vec(op(), 1..80), |ops| {
+        run_model(Mode::Fenced, &ops)
+    });
+    if let Err(e) = res {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn the_model_finds_the_old_lost_record_bug() {
+    let mut runner = TestRunner::new(PtConfig {
+        cases: 2000,
+        failure_persistence: None,
+        max_shrink_iters: 200,
+        ..PtConfig::default()
+    });
+    let res = runner.run(&prop::collection::vec(op(), 1..80), |ops| {
+        run_model(Mode::Old, &ops)
+    });
+    match res {
+        Err(e) => println!("the old bookkeeping fails as it should: {e}"),
+        Ok(()) => panic!("the model did not find the bug the old bookkeeping had"),
+    }
+}
