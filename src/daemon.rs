@@ -32,6 +32,7 @@ use crate::spool::claim::{
     self, Batch, ClaimError, Claimed, Claimer, CommitOutcome, Held, HeldSet, LeaseChange,
     LeaseOwner,
 };
+use crate::spool::heartbeat::Heartbeat;
 use crate::spool::lease::{LeaseBook, Settled};
 use crate::spool::lines::{Line, RAW_KEEP};
 use crate::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
@@ -41,6 +42,18 @@ use crate::util::{cut, now_rfc3339};
 use crate::webhook::deliver;
 use crate::webhook::outbox::Outbox;
 use crate::webhook::Settings;
+
+/// How often we beat and look for abandoned claims.
+fn beat_interval(lease: Duration) -> Duration {
+    (lease / 4).max(Duration::from_millis(250))
+}
+
+/// A daemon whose last beat is older than `lease − margin` may be judged
+/// dead soon (or was): it stops claiming and starting until its beat is
+/// fresh and its leases are checked.
+fn fence_margin(lease: Duration) -> Duration {
+    lease / 4
+}
 
 /// The most lines one claim takes when claims bring no engine work.
 const MAX_BURST: usize = 1024;
@@ -92,6 +105,8 @@ enum Event {
     /// Records written, each `Durable`, or `Fenced` (left out because
     /// another daemon took its lease over).
     Committed(Vec<(Record, PathBuf, u64, CommitOutcome)>),
+    /// After a late heartbeat: the leases that are no longer ours.
+    LeasesChecked(Vec<PathBuf>),
     /// A finished lease was deleted (or found to be another daemon's).
     LeaseDeleted(PathBuf, Result<LeaseChange, ClaimError>),
     CommitFailed(String),
@@ -149,6 +164,23 @@ pub struct Daemon {
     fatal: Option<String>,
     /// The last claim error, for `--once`'s verdict.
     last_error: Option<String>,
+    heartbeat: Heartbeat,
+    /// Stale episodes of our heartbeat already dealt with.
+    stale_seen: u64,
+    /// Our beat was late: nothing is claimed or started until our leases
+    /// are checked (self-fencing).
+    fenced: Fencing,
+}
+
+/// Self-fencing: where a daemon that may have been judged dead stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fencing {
+    /// Beats are fresh.
+    Clear,
+    /// Beats are late: waiting for a fresh one.
+    Stale,
+    /// Beat fresh again; checking which leases are still ours.
+    Checking,
 }
 
 /// Runs the daemon until it is told to stop (or, with `once`, runs dry).
@@ -257,6 +289,11 @@ pub async fn run(
         warn!("{w}");
     }
     crate::engine::sweep::start(crate::engine::sweep::Sweeper::new(&cfg, started_at));
+    // Beats come from a thread of their own from now on.
+    let lease = cfg.spool.lease.0;
+    let heartbeat = claimer
+        .start_heartbeat(beat_interval(lease), lease - fence_margin(lease))
+        .map_err(|e| anyhow::anyhow!("cannot start the heartbeat thread: {e}"))?;
     let held = claimer.held();
     let mut d = Daemon {
         rules: TaskRules::from_config(&cfg),
@@ -290,12 +327,15 @@ pub async fn run(
         stopping: 0,
         fatal: None,
         last_error: None,
+        heartbeat,
+        stale_seen: 0,
+        fenced: Fencing::Clear,
         opts,
         cfg,
     };
     let mut poll = tokio::time::interval(d.cfg.spool.poll_interval.0);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let beat_every = (d.cfg.spool.lease.0 / 4).max(Duration::from_millis(250));
+    let beat_every = beat_interval(d.cfg.spool.lease.0);
     let mut beat = tokio::time::interval(beat_every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // systemd's watchdog is pinged from this loop, so a wedged loop gets
@@ -467,6 +507,19 @@ impl Daemon {
                 }
                 self.dirty = true;
             }
+            Event::LeasesChecked(lost) => {
+                for lease in &lost {
+                    if let Some(lines) = self.leases.forget(lease) {
+                        self.lose_lease(lease, lines);
+                    }
+                }
+                info!(
+                    lost = lost.len(),
+                    "leases checked after a late heartbeat; claiming and starting again"
+                );
+                self.fenced = Fencing::Clear;
+                self.dirty = true;
+            }
             Event::LeaseDeleted(lease, res) => {
                 self.deleting -= 1;
                 self.held.lock().expect("held set").remove(&lease);
@@ -564,6 +617,9 @@ impl Daemon {
 
     /// Starts whatever can start: takeover at startup, runs, claims.
     fn pump(&mut self) {
+        if !self.beat_is_fresh() {
+            return;
+        }
         if !self.recovered {
             self.start_takeover();
             return; // recover our own claims before claiming new lines
@@ -1128,6 +1184,61 @@ impl Daemon {
             stopped_batches = stopped,
             "lost a lease to another daemon (this one was paused or judged dead past spool.lease); its lines are that daemon's now"
         );
+    }
+
+    /// Self-fencing. A daemon whose beats came late may have been judged
+    /// dead and its leases taken over: it claims and starts nothing until
+    /// its beat is fresh again and it has checked, lease by lease, which are
+    /// still its own; the others are let go (their queued lines dropped,
+    /// their running children stopped). Its commits are fenced by token in
+    /// any case, so a record can never be doubled; this keeps a GPU from
+    /// running a line twice for long.
+    fn beat_is_fresh(&mut self) -> bool {
+        if let Some(e) = self.heartbeat.lock_lost() {
+            self.fatal = Some(e);
+            return false;
+        }
+        let lease = self.cfg.spool.lease.0;
+        let limit = lease - fence_margin(lease);
+        let age = self.heartbeat.age();
+        let episodes = self.heartbeat.stale_episodes();
+        let late = age > limit || episodes != self.stale_seen;
+        match self.fenced {
+            Fencing::Clear if !late => return true,
+            Fencing::Clear => {
+                warn!(
+                    beat_age = %humantime::format_duration(Duration::from_millis(age.as_millis() as u64)),
+                    "our heartbeat was late (more than spool.lease − {}): not claiming or starting tasks until it is fresh and our leases are checked",
+                    humantime::format_duration(fence_margin(lease))
+                );
+                self.fenced = Fencing::Stale;
+            }
+            Fencing::Stale | Fencing::Checking => {}
+        }
+        if self.fenced == Fencing::Stale && age <= limit {
+            self.stale_seen = episodes;
+            self.fenced = Fencing::Checking;
+            let leases = self.leases.tokens();
+            self.blocking(
+                move || {
+                    leases
+                        .into_iter()
+                        .filter(|(lease, token)| !claim::still_ours(lease, token))
+                        .map(|(lease, _)| lease)
+                        .collect::<Vec<_>>()
+                },
+                Event::LeasesChecked,
+            );
+        } else if self.fenced == Fencing::Stale {
+            // Look again soon.
+            let tx = self.tx.clone();
+            let every = self.heartbeat.every();
+            tokio::spawn(async move {
+                tokio::time::sleep(every).await;
+                let _ = tx.send(Event::Hint);
+            });
+        }
+        false
     }
 
     /// Tells every running batch (and, from now on, every new one) to stop.

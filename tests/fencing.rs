@@ -38,21 +38,24 @@ fn a_daemon_paused_past_its_lease_costs_no_line_its_record() {
     let mut env = Env::new("[gpu]\nmax_parallel = 2\n");
     env.spool_extra = "lease = \"3s\"".into();
     env.write_config();
-    env.drop_file(
-        "p.jsonl",
-        &(task_line("p0", "SLEEP6") + &task_line("p1", "SLEEP6")),
-    );
+    // Two lines run at once; two more wait in a's queue.
+    let lines: String = (0..4)
+        .map(|i| task_line(&format!("p{i}"), "SLEEP6"))
+        .collect();
+    env.drop_file("p.jsonl", &lines);
     let mut a = env.spawn("a");
-    wait_until(30, "a starts both tasks", || env.starts().len() == 2);
+    wait_until(30, "a starts two tasks", || env.starts().len() == 2);
     signal(&a, "STOP");
     let mut b = env.spawn("b");
-    wait_until(30, "b takes both over and starts them", || {
-        env.starts().values().all(|&n| n == 2) && env.starts().len() == 2
+    let started_twice = |env: &Env| env.starts().values().filter(|&&n| n == 2).count();
+    wait_until(30, "b takes a's lines over and starts two", || {
+        started_twice(&env) == 2
     });
-    // a wakes while b runs the lines: its children have finished, its
-    // records are fenced, and it must not touch b's lease.
+    // a wakes while b runs the lines: its beat is late, so it checks its
+    // leases, finds them lost, stops its children and starts nothing more;
+    // its records, if any, are fenced, and it leaves b's lease alone.
     signal(&a, "CONT");
-    wait_until(60, "a record for each line", || per_line(&env).len() == 2);
+    wait_until(60, "a record for each line", || per_line(&env).len() == 4);
     wait_until(30, "the file consumed", || {
         std::fs::read_dir(env.spool().join("pending"))
             .unwrap()
@@ -64,10 +67,16 @@ fn a_daemon_paused_past_its_lease_costs_no_line_its_record() {
     assert!(a.wait().unwrap().success());
     assert!(b.wait().unwrap().success());
     let lines = per_line(&env);
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines.values().all(|&n| n == 1), "{lines:?}");
     assert!(env.failed().is_empty(), "{:#?}", env.failed());
+    let done = env.done();
+    assert!(done.iter().all(|r| r["instance"] == "b"), "{done:#?}");
+    // a started nothing after it woke: the queued lines ran once, on b.
+    let starts = env.starts();
+    assert_eq!(starts.values().sum::<usize>(), 6, "{starts:?}");
     let log_a = std::fs::read_to_string(env.root().join("daemon-a.log")).unwrap();
+    assert!(log_a.contains("our heartbeat was late"), "{log_a}");
     assert!(log_a.contains("lost a lease to another daemon"), "{log_a}");
 }
 

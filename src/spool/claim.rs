@@ -30,22 +30,33 @@
 //! # Liveness without synchronized clocks
 //!
 //! Each daemon holds `.ttspool/instances/<instance>.lock` for its whole life
-//! and rewrites `<instance>.alive` every `lease/4`. A daemon judges another's
-//! heartbeat by comparing its mtime with the mtime of its *own* heartbeat file
-//! just written: both stamps come from the file server's clock, so the hosts'
-//! clocks never meet. Leases of our own instance name that we do not hold in
-//! memory belong to a previous run of ours (we hold the instance lock), so a
-//! restart takes them over at once.
+//! and bumps the beat counter in `<instance>.alive` every `lease/4`, from a
+//! thread of its own (heartbeat.rs). Another daemon is dead when its counter
+//! has stood still for `spool.lease` on the observer's monotonic clock, so
+//! the hosts' clocks never meet. Leases of our own instance name that we do
+//! not hold in memory belong to a previous run of ours (we hold the instance
+//! lock), so a restart takes them over at once.
+//!
+//! # Fencing
+//!
+//! A daemon can be judged dead while it is only paused, and wake up holding
+//! leases that are another's now. Every record is written only if its lease
+//! still carries the token it was claimed with (checked under the records
+//! lock, which the taker also holds while it reads which lines have
+//! records), and a lease is deleted or handed back only compare-and-set by
+//! token under the claim lock ([`LeaseOwner`]). A fenced daemon forgets the
+//! lease and touches nothing of it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::heartbeat::{BeatError, Beater, Heartbeat, Liveness};
 use super::lines::{Line, LineReader, Next};
 use super::records::{Pos, RecordLog};
 use super::scan::{scan, Entry};
@@ -194,8 +205,9 @@ pub struct Claimer {
     lease_ttl: Duration,
     rr: usize,
     seen: HashMap<String, Seen>,
-    alive: File,
-    beats: u64,
+    /// Our beats, until [`Claimer::start_heartbeat`] moves them to a thread.
+    beater: Option<Beater>,
+    liveness: Liveness,
     /// Leases this process holds; shared with the daemon, which removes a
     /// lease here after deleting its file.
     held: HeldSet,
@@ -261,8 +273,11 @@ impl Claimer {
             lease_ttl,
             rr: 0,
             seen: HashMap::new(),
-            alive,
-            beats: 0,
+            beater: Some(
+                Beater::new(alive, alive_path.clone(), &lock, lock_path.clone())
+                    .map_err(io_err("stat", &lock_path))?,
+            ),
+            liveness: Liveness::default(),
             held: HeldSet::default(),
             unrecorded_warned: HashSet::new(),
             _instance_lock: lock,
@@ -276,20 +291,28 @@ impl Claimer {
         self.on_consume = Some(f);
     }
 
-    /// Instances (other than us) whose heartbeat is older than the lease.
-    pub fn dead_instances(&self, names: &[String]) -> Vec<String> {
-        let own = self
-            .spool
-            .instances()
-            .join(format!("{}.alive", self.instance));
-        let Ok(now) = fs::metadata(&own).and_then(|m| m.modified()) else {
-            return Vec::new();
-        };
-        names
-            .iter()
-            .filter(|n| **n != self.instance && self.is_dead(n, now))
-            .cloned()
-            .collect()
+    /// Instances (other than us) whose beat counter stood still for the lease.
+    pub fn dead_instances(&mut self, names: &[String]) -> Vec<String> {
+        let mut dead = Vec::new();
+        for n in names {
+            if *n != self.instance && self.is_dead(n) {
+                dead.push(n.clone());
+            }
+        }
+        dead
+    }
+
+    /// Moves our beats to a thread of their own; see [`Heartbeat`].
+    pub fn start_heartbeat(
+        &mut self,
+        every: Duration,
+        stale_after: Duration,
+    ) -> io::Result<Heartbeat> {
+        let beater = self
+            .beater
+            .take()
+            .ok_or_else(|| io::Error::other("the heartbeat runs already"))?;
+        Heartbeat::start(beater, every, stale_after)
     }
 
     /// The leases this process holds.
@@ -297,48 +320,20 @@ impl Claimer {
         self.held.clone()
     }
 
-    /// Rewrites our heartbeat file; the file server stamps its mtime.
+    /// One beat from this thread (before [`Claimer::start_heartbeat`];
+    /// afterwards the heartbeat thread beats and this does nothing).
     pub fn heartbeat(&mut self) -> Result<(), ClaimError> {
-        self.check_lock()?;
-        self.beats += 1;
-        let body = format!(
-            "{{\"pid\":{},\"beat\":{}}}\n",
-            std::process::id(),
-            self.beats
-        );
-        let path = self
-            .spool
-            .instances()
-            .join(format!("{}.alive", self.instance));
-        (|| {
-            self.alive.set_len(0)?;
-            self.alive.write_all_at(body.as_bytes(), 0)?;
-            self.alive.sync_data()
-        })()
-        .map_err(io_err("write heartbeat", &path))
-    }
-
-    /// The instance lock only means something while its path still names
-    /// the file we locked. If the spool folder was deleted and made again,
-    /// another daemon with our instance name could lock the new file and
-    /// take our leases for its own, and our heartbeats would go to a deleted
-    /// file: the daemon must stop.
-    fn check_lock(&self) -> Result<(), ClaimError> {
-        use std::os::unix::fs::MetadataExt;
-        let path = self
-            .spool
-            .instances()
-            .join(format!("{}.lock", self.instance));
-        let same = match (self._instance_lock.metadata(), fs::metadata(&path)) {
-            (Ok(ours), Ok(now)) => ours.dev() == now.dev() && ours.ino() == now.ino(),
-            (_, Err(e)) if e.kind() != io::ErrorKind::NotFound => return Ok(()), // unknown: keep going
-            _ => false,
+        let Some(b) = self.beater.as_mut() else {
+            return Ok(());
         };
-        if same {
-            Ok(())
-        } else {
-            Err(ClaimError::LockLost(path))
-        }
+        b.beat().map_err(|e| match e {
+            BeatError::LockLost(p) => ClaimError::LockLost(p),
+            BeatError::Io(path, source) => ClaimError::Io {
+                action: "write heartbeat",
+                path,
+                source,
+            },
+        })
     }
 
     fn lock_claims(&self) -> Result<File, ClaimError> {
@@ -651,13 +646,6 @@ impl Claimer {
     /// heartbeat and removes sidecar folders of files that are gone.
     pub fn take_over(&mut self) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
         self.heartbeat()?;
-        let own_alive = self
-            .spool
-            .instances()
-            .join(format!("{}.alive", self.instance));
-        let now_server = fs::metadata(&own_alive)
-            .and_then(|m| m.modified())
-            .map_err(io_err("stat", &own_alive))?;
         let pending = self.spool.pending();
         let present: HashSet<String> = scan(&pending)
             .map_err(io_err("list", &pending))?
@@ -700,7 +688,7 @@ impl Claimer {
                 } else {
                     *ages
                         .entry(doc.instance.clone())
-                        .or_insert_with(|| self.is_dead(&doc.instance, now_server))
+                        .or_insert_with(|| self.is_dead(&doc.instance))
                 };
                 if take {
                     match self.take_lease(&lp, &dir, doc) {
@@ -714,14 +702,9 @@ impl Claimer {
         Ok(out)
     }
 
-    fn is_dead(&self, instance: &str, now_server: SystemTime) -> bool {
+    fn is_dead(&mut self, instance: &str) -> bool {
         let p = self.spool.instances().join(format!("{instance}.alive"));
-        match fs::metadata(&p).and_then(|m| m.modified()) {
-            Ok(t) => now_server
-                .duration_since(t)
-                .is_ok_and(|age| age > self.lease_ttl),
-            Err(_) => true,
-        }
+        self.liveness.is_dead(&p, instance, self.lease_ttl)
     }
 
     fn take_lease(

@@ -85,6 +85,20 @@ impl LeaseBook {
         }
     }
 
+    /// Every lease with its token (to check which are still ours).
+    pub fn tokens(&self) -> Vec<(PathBuf, String)> {
+        self.leases
+            .iter()
+            .map(|(p, h)| (p.clone(), h.token.clone()))
+            .collect()
+    }
+
+    /// Forgets a lease found to be another daemon's; returns how many of its
+    /// lines were outstanding here.
+    pub fn forget(&mut self, lease: &Path) -> Option<usize> {
+        self.leases.remove(lease).map(|h| h.lines.len())
+    }
+
     /// Takes every lease out (to hand them back on exit).
     pub fn drain(&mut self) -> impl Iterator<Item = (PathBuf, HeldLease)> + '_ {
         self.leases.drain()

@@ -16,6 +16,7 @@
 //! read, and renamed into `.consumed/` once every line has its record.
 
 pub mod claim;
+pub mod heartbeat;
 pub mod lease;
 pub mod lines;
 pub mod records;

@@ -81,11 +81,27 @@ impl Outbox {
             body.push('\n');
         }
         let pending = self.dir.join(format!("{name}.pending"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(PRIVATE_FILE)
-            .open(&pending)?;
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(PRIVATE_FILE)
+                .open(&pending)
+        };
+        let mut f = match create() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Our folder was adopted by a daemon that judged us dead (we
+                // were paused past the lease): it delivers what was there;
+                // we go on in a new folder.
+                tracing::warn!(
+                    folder = %self.dir.display(),
+                    "our webhook outbox folder was adopted by another daemon (this one was judged dead); starting a new one"
+                );
+                crate::util::create_private_dir(&self.dir)?;
+                create()?
+            }
+            other => other?,
+        };
         f.write_all(body.as_bytes())?;
         f.sync_all()?;
         fsync_dir(&self.dir)?;
