@@ -142,3 +142,115 @@ fn three_daemons_under_random_pauses_record_each_line_once() {
     );
     assert!(env.failed().is_empty(), "{:#?}", env.failed());
 }
+
+/// The beat counter in `<instance>.alive`.
+fn beat(env: &Env, instance: &str) -> Option<u64> {
+    let p = env
+        .spool()
+        .join(".ttspool/instances")
+        .join(format!("{instance}.alive"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    v["beat"].as_u64()
+}
+
+#[test]
+fn a_dns_server_that_never_answers_holds_up_neither_beats_nor_claims() {
+    // A name server that takes queries and never answers.
+    let Ok(blackhole) = std::net::UdpSocket::bind("127.0.0.2:53") else {
+        eprintln!("skipped: cannot bind 127.0.0.2:53 (needs root)");
+        return;
+    };
+    if std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        eprintln!("skipped: unshare --mount is not available (needs root)");
+        return;
+    }
+    let mut env = Env::new(
+        "[gpu]\nmax_parallel = 2\n[webhook]\nsecret = \"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\"\nmax_in_flight = 16\n",
+    );
+    env.spool_extra = "lease = \"2s\"".into();
+    env.write_config();
+    let resolv = env.root().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.2\noptions timeout:5 attempts:2\n",
+    )
+    .unwrap();
+    // 16 tasks whose webhooks need a lookup that hangs.
+    let hooks: String = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"h{i}\",\"input_text\":\"x\",\"output_name\":\"h{i}\",\"callback_url\":\"http://hook{i}.ttspool-test.invalid/cb\"}}\n"
+            )
+        })
+        .collect();
+    env.drop_file("hooks.jsonl", &hooks);
+    let spawn = |name: &str| {
+        let log = std::fs::File::create(env.root().join(format!("daemon-{name}.log"))).unwrap();
+        std::process::Command::new("unshare")
+            .arg("--mount")
+            .arg("sh")
+            .arg("-c")
+            .arg(format!(
+                "mount --bind {} /etc/resolv.conf && exec {} -c {} run",
+                resolv.display(),
+                BIN,
+                env.instance_config(name).display()
+            ))
+            .env("FAKE_LOG", env.log())
+            .env("FAKE_WAV", env.root().join("tiny.wav"))
+            .current_dir(env.root())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut daemons = [spawn("a"), spawn("b")];
+    wait_until(30, "the 16 hooked tasks recorded", || {
+        per_line(&env).len() == 16
+    });
+    // While the lookups hang: more work, and both daemons' beats watched.
+    let work: String = (0..100)
+        .map(|i| task_line(&format!("w{i}"), "NAP"))
+        .collect();
+    env.drop_file("work.jsonl", &work);
+    let mut last: HashMap<&str, (Option<u64>, Instant)> = HashMap::new();
+    let mut worst = Duration::ZERO;
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until || per_line(&env).len() < 116 {
+        assert!(
+            Instant::now() < until + Duration::from_secs(60),
+            "the work did not finish while lookups hung"
+        );
+        for name in ["a", "b"] {
+            let b = beat(&env, name);
+            let e = last.entry(name).or_insert((b, Instant::now()));
+            if e.0 != b {
+                *e = (b, Instant::now());
+            }
+            worst = worst.max(e.1.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(env.root().join("daemon-a.log")).unwrap();
+    drop(blackhole);
+    for d in &daemons {
+        sigterm(d);
+    }
+    for d in &mut daemons {
+        assert!(d.wait().unwrap().success());
+    }
+    assert!(
+        worst < Duration::from_secs(1),
+        "a heartbeat stood still for {worst:?} (lease 2s): {log}"
+    );
+    let starts = env.starts();
+    let twice: Vec<_> = starts.iter().filter(|(_, &n)| n != 1).collect();
+    assert!(twice.is_empty(), "run twice: {twice:?}");
+    assert_eq!(per_line(&env).len(), 116);
+    assert!(per_line(&env).values().all(|&n| n == 1));
+}

@@ -289,7 +289,7 @@ fn a_restart_after_kill_9_sweeps_the_killed_runs_temp_file() {
 }
 
 #[test]
-fn idle_connections_to_the_metrics_port_do_not_starve_the_spool() {
+fn slow_clients_of_the_metrics_port_do_not_starve_the_spool() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -315,20 +315,35 @@ fn idle_connections_to_the_metrics_port_do_not_starve_the_spool() {
     wait_until(20, "the metrics port", || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    // 300 connections that never send a byte.
-    let idle: Vec<TcpStream> = (0..300)
+    // 300 slowloris clients: a request head that never ends, one byte at
+    // a time, for as long as the test runs.
+    let mut idle: Vec<TcpStream> = (0..300)
         .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
         .collect();
     assert!(idle.len() >= 100, "only {} connections", idle.len());
+    for s in &mut idle {
+        use std::io::Write;
+        s.set_nonblocking(true).unwrap();
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+    }
     let mut lines = String::new();
     for i in 0..60 {
         lines.push_str(&task_line(&format!("c{i}"), "x"));
     }
     env.drop_file("c.jsonl", &lines);
-    wait_until(60, "60 records while 300 connections idle", || {
+    let mut trickle = || {
+        use std::io::Write;
+        for s in &mut idle {
+            let _ = s.write_all(b"X");
+        }
+    };
+    wait_until(60, "60 records while 300 clients trickle headers", || {
+        trickle();
+        std::thread::sleep(std::time::Duration::from_millis(500));
         env.records() == 60
     });
-    // The header timeout frees the slots: a real request is answered.
+    // The clients go: the server answers again.
+    drop(idle);
     wait_until(40, "a /metrics answer", || {
         use std::io::{Read, Write};
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -341,7 +356,6 @@ fn idle_connections_to_the_metrics_port_do_not_starve_the_spool() {
         let _ = s.read_to_string(&mut body);
         body.contains("ttspool_tasks_total")
     });
-    drop(idle);
     sigterm(&d);
     assert!(d.wait().unwrap().success());
     let log = fs::read_to_string(env.root().join("daemon.log")).unwrap();

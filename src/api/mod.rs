@@ -78,7 +78,16 @@ pub fn metrics_routes(m: Arc<Metrics>) -> Router {
 /// Binds `addr` and serves `router` on it until the runtime ends; returns
 /// the bound address.
 pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<SocketAddr> {
-    let mut listener = tokio::net::TcpListener::bind(addr).await?;
+    // A deep accept queue: while every connection permit is taken, clients
+    // wait there (connected, not refused) until a slot frees.
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let mut listener = socket.listen(1024)?;
     let bound = listener.local_addr()?;
     let router = router
         .layer(TimeoutLayer::with_status_code(

@@ -216,10 +216,9 @@ impl Guard {
 
     /// Resolves `host` and keeps the allowed addresses; `Err` says why none is left.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        let addrs: Vec<SocketAddr> = super::dns::lookup(host, port)
             .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .collect();
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?;
         let mut ok = Vec::new();
         let mut why = Vec::new();
         for a in addrs {

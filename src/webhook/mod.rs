@@ -11,6 +11,7 @@
 //! nor send one for a task whose record never made it to disk.
 
 pub mod deliver;
+pub mod dns;
 pub mod guard;
 pub mod outbox;
 pub mod sign;
