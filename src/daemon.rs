@@ -105,6 +105,11 @@ enum Event {
     /// Records written, each `Durable`, or `Fenced` (left out because
     /// another daemon took its lease over).
     Committed(Vec<(Record, PathBuf, u64, CommitOutcome)>),
+    /// A spool write failed for lack of space; `needed` bytes at least.
+    DiskFull {
+        what: String,
+        needed: u64,
+    },
     /// After a late heartbeat: the leases that are no longer ours.
     LeasesChecked(Vec<PathBuf>),
     /// A finished lease was deleted (or found to be another daemon's).
@@ -170,6 +175,16 @@ pub struct Daemon {
     /// Our beat was late: nothing is claimed or started until our leases
     /// are checked (self-fencing).
     fenced: Fencing,
+    /// Claims are paused: the spool's disk is full.
+    disk_full: Option<DiskFull>,
+}
+
+/// Claims paused for lack of space.
+struct DiskFull {
+    since: std::time::Instant,
+    next_claim: std::time::Instant,
+    wait: Duration,
+    logged: Option<std::time::Instant>,
 }
 
 /// Self-fencing: where a daemon that may have been judged dead stands.
@@ -271,7 +286,10 @@ pub async fn run(
     let w3 = webhooks.clone();
     std::thread::Builder::new()
         .name("ttspool-records".into())
-        .spawn(move || committer(log, commit_rx, ctx, w3))?;
+        .spawn({
+            let once = opts.once;
+            move || committer(log, commit_rx, ctx, w3, once)
+        })?;
     let mut wh_busy = hooks.busy;
     let htx = tx.clone();
     let hints = spool_watch::watch(&spool.pending(), cfg.spool.watch, move || {
@@ -330,6 +348,7 @@ pub async fn run(
         heartbeat,
         stale_seen: 0,
         fenced: Fencing::Clear,
+        disk_full: None,
         opts,
         cfg,
     };
@@ -350,6 +369,12 @@ pub async fn run(
     loop {
         d.pump();
         if let Some(f) = d.fatal.take() {
+            if d.opts.once {
+                let left = d.leases.unfinished();
+                anyhow::bail!(
+                    "{f}; run --once leaves at least {left} claimed line(s) without a record"
+                );
+            }
             anyhow::bail!(f);
         }
         if d.done() {
@@ -476,6 +501,7 @@ impl Daemon {
                 }
             }
             Event::Committed(list) => {
+                self.disk_has_space();
                 for (rec, lease, line, outcome) in list {
                     self.uncommitted -= 1;
                     let written = outcome == CommitOutcome::Durable;
@@ -507,6 +533,7 @@ impl Daemon {
                 }
                 self.dirty = true;
             }
+            Event::DiskFull { what, needed } => self.disk_is_full(&what, needed),
             Event::LeasesChecked(lost) => {
                 for lease in &lost {
                     if let Some(lines) = self.leases.forget(lease) {
@@ -669,6 +696,19 @@ impl Daemon {
         // Backpressure: records waiting for the disk bound what is claimed,
         // so a fast backlog (all skips) cannot pile up in memory.
         let low = (have <= target / 2 || self.burst > 0) && self.uncommitted < 2 * MAX_BURST;
+        if let Some(full) = &self.disk_full {
+            if self.opts.once {
+                // `--once` does not wait for space: it ends and says what
+                // is left without a record.
+                self.dirty = false;
+                return;
+            }
+            if std::time::Instant::now() < full.next_claim {
+                let at = full.next_claim;
+                self.wake_at(at);
+                return;
+            }
+        }
         if self.dirty && !self.claiming && want > 0 && low {
             self.dirty = false;
             self.claiming = true;
@@ -745,7 +785,51 @@ impl Daemon {
         });
     }
 
+    /// A spool write failed for lack of space: claims pause (with a
+    /// growing wait between tries) until space returns; running tasks go
+    /// on and their records wait in memory. Logged once a minute.
+    fn disk_is_full(&mut self, what: &str, needed: u64) {
+        let now = std::time::Instant::now();
+        let full = self.disk_full.get_or_insert(DiskFull {
+            since: now,
+            next_claim: now,
+            wait: Duration::from_secs(1),
+            logged: None,
+        });
+        full.next_claim = now + full.wait;
+        full.wait = (full.wait * 2).min(Duration::from_secs(30));
+        if full
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            full.logged = Some(now);
+            let free = crate::util::free_bytes(&self.cfg.spool.dir)
+                .map(|b| format!("{b} bytes free"))
+                .unwrap_or_else(|| "free space unknown".into());
+            warn!(
+                paused_for = %humantime::format_duration(Duration::from_secs(full.since.elapsed().as_secs())),
+                "disk full: {what}; {free} on the spool's file system, at least {needed} bytes needed; \
+                 not claiming until space returns (records of running tasks wait in memory)"
+            );
+        }
+        self.last_error = Some(format!("disk full: {what}"));
+    }
+
+    fn disk_has_space(&mut self) {
+        if let Some(full) = self.disk_full.take() {
+            info!(
+                paused_for = %humantime::format_duration(Duration::from_secs(full.since.elapsed().as_secs())),
+                "space is back on the spool's file system: claiming again"
+            );
+            self.dirty = true;
+        }
+    }
+
     fn claimed(&mut self, batch: Batch) {
+        match &batch.disk_full {
+            Some(what) => self.disk_is_full(what, 4096),
+            None => self.disk_has_space(),
+        }
         if let Some(e) = batch.errors.last() {
             self.last_error = Some(e.clone());
         }
@@ -1354,6 +1438,7 @@ fn committer(
     rx: std::sync::mpsc::Receiver<Commit>,
     tx: mpsc::UnboundedSender<Event>,
     webhooks: Webhooks,
+    once: bool,
 ) {
     let mut last_group: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
@@ -1379,7 +1464,28 @@ fn committer(
             }
         }
         last_group = Some(std::time::Instant::now());
-        match write_batch(&log, &batch, &webhooks) {
+        // A full disk is a pause: the group stays in memory and is written
+        // again (all or nothing) until it fits. `--once` gives up instead.
+        let mut wait = Duration::from_secs(1);
+        let res = loop {
+            match write_batch(&log, &batch, &webhooks) {
+                Err(e) if crate::util::is_disk_full(&e) && !once => {
+                    let bytes = batch.iter().map(|c| c.record.to_line().len() as u64).sum();
+                    let _ = tx.send(Event::DiskFull {
+                        what: format!(
+                            "cannot write records to {}: {}",
+                            log.done.display(),
+                            crate::util::io_msg(&e)
+                        ),
+                        needed: bytes,
+                    });
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+                other => break other,
+            }
+        };
+        match res {
             Ok(written) => {
                 let list = batch
                     .into_iter()
@@ -1390,9 +1496,10 @@ fn committer(
             }
             Err(e) => {
                 let _ = tx.send(Event::CommitFailed(format!(
-                    "{} / {}: {e}",
+                    "{} / {}: {}",
                     log.done.display(),
-                    log.failed.display()
+                    log.failed.display(),
+                    crate::util::io_msg(&e)
                 )));
                 return;
             }
@@ -1429,6 +1536,7 @@ fn write_batch(
     if log.maybe_rotate_locked()? {
         info!("record logs rotated");
     }
+    let before = log.sizes();
     let mut ours: HashMap<&PathBuf, CommitOutcome> = HashMap::new();
     let mut done = Vec::new();
     let mut failed = Vec::new();
@@ -1461,8 +1569,17 @@ fn write_batch(
     } else {
         Some(webhooks.outbox.write(&messages, Some(log.position()))?)
     };
-    RecordLog::append_locked(&log.done, &done)?;
-    RecordLog::append_locked(&log.failed, &failed)?;
+    // All or nothing, so that a group written again after a full disk
+    // cannot double a record: undo what half of it did.
+    let appended = RecordLog::append_locked(&log.done, &done)
+        .and_then(|()| RecordLog::append_locked(&log.failed, &failed));
+    if let Err(e) = appended {
+        let _ = RecordLog::truncate_locked(&log.done, before.0);
+        if let Some(p) = &pending {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
     if let Some(p) = pending {
         let seg = Outbox::promote(&p)?;
         let _ = webhooks.tx.send(deliver::Cmd::Segment(seg));

@@ -6,6 +6,23 @@ use std::io::{self, Write};
 use std::path::Path;
 
 /// "not found" rather than "No such file or directory (os error 2)".
+/// True for "no space left" and "quota exceeded": the disk is full for us.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Bytes free for us on the file system that holds `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct it is given; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 pub fn io_msg(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::NotFound => "not found".into(),
@@ -91,8 +108,12 @@ pub fn create_exclusive(path: &Path, bytes: &[u8]) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(e),
     };
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_all()) {
+        // Leave no empty or half file behind (a full disk): the name is free
+        // for the next try.
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
     Ok(true)
 }
 

@@ -81,6 +81,13 @@ pub enum ClaimError {
     },
 }
 
+impl ClaimError {
+    /// The disk (or our quota) is full: a pause, not a failure.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, ClaimError::Io { source, .. } if crate::util::is_disk_full(source))
+    }
+}
+
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ClaimError + 'a {
     move |source| ClaimError::Io {
         action,
@@ -173,6 +180,9 @@ pub struct Batch {
     pub consumed: Vec<String>,
     /// Why some file could not be claimed from (also logged).
     pub errors: Vec<String>,
+    /// Claiming stopped because the disk is full (a lease or cursor could
+    /// not be written); what is in this batch was claimed before.
+    pub disk_full: Option<String>,
 }
 
 struct Seen {
@@ -282,7 +292,12 @@ impl Claimer {
             unrecorded_warned: HashSet::new(),
             _instance_lock: lock,
         };
-        c.heartbeat()?;
+        match c.heartbeat() {
+            // A full disk does not stop a daemon from starting: the
+            // heartbeat thread tries again, and claims wait for space.
+            Err(e) if e.is_disk_full() => tracing::warn!("{e}"),
+            other => other?,
+        }
         Ok(c)
     }
 
@@ -376,6 +391,12 @@ impl Claimer {
             let quota = remaining.div_ceil(n - i).max(1).min(remaining);
             match self.claim_file(e, quota, &mut batch) {
                 Ok(got) => remaining -= got,
+                Err(err) if err.is_disk_full() => {
+                    // Every other file would fail the same way: stop, and
+                    // let the daemon pause claims until space returns.
+                    batch.disk_full = Some(err.to_string());
+                    break;
+                }
                 Err(err) => {
                     tracing::error!(file = %e.name, "{err}");
                     batch.errors.push(format!("{}: {err}", e.name));
@@ -694,6 +715,9 @@ impl Claimer {
                     match self.take_lease(&lp, &dir, doc) {
                         Ok(Some(t)) => out.push(t),
                         Ok(None) => {}
+                        // What was taken so far is returned with the rest
+                        // next time; a full disk is the daemon's to report.
+                        Err(e) if e.is_disk_full() => return Ok(out),
                         Err(e) => tracing::error!("{e}"),
                     }
                 }

@@ -77,13 +77,16 @@ impl Beater {
             Err(_) => {} // unknown: keep going
         }
         self.beats += 1;
+        // Always the same 64 bytes, overwritten in place: a beat allocates
+        // nothing, so it goes on while the disk is full.
         let body = format!(
-            "{{\"pid\":{},\"beat\":{}}}\n",
-            std::process::id(),
-            self.beats
+            "{:<63}\n",
+            format!("{{\"pid\":{},\"beat\":{}}}", std::process::id(), self.beats)
         );
         (|| {
-            self.alive.set_len(0)?;
+            if self.alive.metadata()?.len() != body.len() as u64 {
+                self.alive.set_len(body.len() as u64)?;
+            }
             self.alive.write_all_at(body.as_bytes(), 0)?;
             self.alive.sync_data()
         })()

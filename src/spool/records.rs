@@ -374,7 +374,21 @@ impl RecordLog {
         for l in lines {
             buf.extend_from_slice(l.as_bytes());
         }
-        f.write_all(&buf)?;
+        let res = f.write_all(&buf).and_then(|()| f.sync_data());
+        if res.is_err() {
+            // All or nothing: a group that did not fit (a full disk) leaves
+            // no part of itself behind, so writing it again later cannot
+            // double a record.
+            let _ = f.set_len(len);
+        }
+        res
+    }
+
+    /// Cuts a log back to `len` (undoing a group whose other half failed).
+    /// The caller holds [`RecordLog::lock`].
+    pub fn truncate_locked(path: &Path, len: u64) -> io::Result<()> {
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(len)?;
         f.sync_data()
     }
 

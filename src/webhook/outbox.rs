@@ -102,8 +102,11 @@ impl Outbox {
             }
             other => other?,
         };
-        f.write_all(body.as_bytes())?;
-        f.sync_all()?;
+        if let Err(e) = f.write_all(body.as_bytes()).and_then(|()| f.sync_all()) {
+            // A full disk: leave no half segment behind.
+            let _ = fs::remove_file(&pending);
+            return Err(e);
+        }
         fsync_dir(&self.dir)?;
         if logs.is_some() {
             Ok(pending)
