@@ -50,6 +50,23 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
     for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }
+    if let Some(m) = crate::spool::locks::mount_of(&cfg.spool.dir) {
+        match m.lock_scope() {
+            crate::spool::locks::LockScope::Shared => {
+                println!(
+                    "ok: spool.dir is on {}, whose locks reach every host",
+                    m.describe()
+                )
+            }
+            crate::spool::locks::LockScope::HostLocal { why, fix } => eprintln!(
+                "warning: {}: spool.dir {} is on {}: {why}, so its locks stay on this host; \
+                 run daemons on one host (and one mount) only, or {fix}",
+                cfg.path.display(),
+                cfg.spool.dir.display(),
+                m.describe()
+            ),
+        }
+    }
     if cfg.gpu.min_free_mib.is_some() {
         match find_in_path("nvidia-smi", None) {
             Some(p) => println!("ok: nvidia-smi {}", p.display()),

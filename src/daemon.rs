@@ -430,6 +430,7 @@ impl Daemon {
                 self.claiming = false;
                 match res {
                     Ok(batch) => self.claimed(batch),
+                    Err(e @ ClaimError::LockBroken(_)) => self.fatal = Some(e.to_string()),
                     Err(e) => {
                         error!("claiming failed: {e}");
                         self.last_error = Some(e.to_string());
@@ -451,7 +452,9 @@ impl Daemon {
                             self.adopt(held, lines);
                         }
                     }
-                    Err(e @ ClaimError::LockLost(_)) => self.fatal = Some(e.to_string()),
+                    Err(e @ (ClaimError::LockLost(_) | ClaimError::LockBroken(_))) => {
+                        self.fatal = Some(e.to_string())
+                    }
                     Err(e) => error!("checking for abandoned claims failed: {e}"),
                 }
             }
@@ -555,6 +558,7 @@ impl Daemon {
                     Ok(LeaseChange::NotOurs) => {
                         warn!(lease = %lease.display(), "a finished lease had been taken over by another daemon; left it alone")
                     }
+                    Err(e @ ClaimError::LockBroken(_)) => self.fatal = Some(e.to_string()),
                     Err(e) => warn!("{e}"),
                 }
             }

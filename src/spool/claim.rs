@@ -58,6 +58,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heartbeat::{BeatError, Beater, Heartbeat, Liveness};
 use super::lines::{Line, LineReader, Next};
+use super::locks::{self, LockScope, Where};
 use super::records::{Pos, RecordLog};
 use super::scan::{scan, Entry};
 use super::Spool;
@@ -73,6 +74,17 @@ pub enum ClaimError {
     },
     #[error("the spool folder was removed or replaced under the running daemon ({} is no longer the file this daemon locked); stopping, so that no other daemon mistakes our claims for its own", .0.display())]
     LockLost(PathBuf),
+    #[error("spool {} is on {mount}: {why}, so its locks do not reach other hosts or mounts, and daemon {other:?} already runs on it from {other_where}; two daemons there would run every line twice. Run daemons on one host (and one mount) only, or {fix}", .spool.display())]
+    LocksDoNotSpan {
+        spool: PathBuf,
+        mount: String,
+        why: String,
+        fix: String,
+        other: String,
+        other_where: String,
+    },
+    #[error("the claim lock {} did not keep another daemon out (its owner token changed while we held it): locks on this spool do not work across hosts or mounts; stopping so that no line runs twice (see `ttspool check`)", .0.display())]
+    LockBroken(PathBuf),
     #[error("cannot {action} {}: {}", .path.display(), crate::util::io_msg(.source))]
     Io {
         action: &'static str,
@@ -298,7 +310,86 @@ impl Claimer {
             Err(e) if e.is_disk_full() => tracing::warn!("{e}"),
             other => other?,
         }
+        c.check_lock_scope()?;
         Ok(c)
+    }
+
+    /// Where locks on the spool's mount stay on this host (sshfs, NFS with
+    /// nolock, ...), refuses to join a spool that a daemon on another host
+    /// or mount is using: our locks would not keep it out. See locks.rs.
+    fn check_lock_scope(&mut self) -> Result<(), ClaimError> {
+        let root = &self.spool.root;
+        let mount = locks::mount_of(root);
+        let here = Where::here(root, mount.as_ref()).map_err(io_err("stat", root))?;
+        let instances = self.spool.instances();
+        let where_path = instances.join(format!("{}.where", self.instance));
+        let res = self.refuse_foreign_daemons(root, &instances, &here, mount.as_ref());
+        // Written after the check: a daemon with our name on another mount
+        // (whose flock did not stop us) left its own `.where` here.
+        if let Err(e) = atomic_write(&where_path, &serde_json::to_vec(&here).expect("where")) {
+            tracing::warn!(
+                "cannot write {}: {}",
+                where_path.display(),
+                crate::util::io_msg(&e)
+            );
+        }
+        res
+    }
+
+    fn refuse_foreign_daemons(
+        &self,
+        root: &Path,
+        instances: &Path,
+        here: &Where,
+        mount: Option<&locks::Mount>,
+    ) -> Result<(), ClaimError> {
+        let Some(mount) = mount else { return Ok(()) };
+        let LockScope::HostLocal { why, fix } = mount.lock_scope() else {
+            return Ok(());
+        };
+        tracing::warn!(
+            "spool {} is on {}: {why}, so its locks stay on this host; run daemons on one host (and one mount) only, or {fix}",
+            root.display(),
+            mount.describe()
+        );
+        let rd = fs::read_dir(instances).map_err(io_err("list", instances))?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(other) = name.strip_suffix(".where") else {
+                continue;
+            };
+            let Some(w) = fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Where>(&b).ok())
+            else {
+                continue;
+            };
+            if here.shares_locks_with(&w) {
+                continue;
+            }
+            if other == self.instance {
+                tracing::warn!(
+                    "a daemon named {other:?} ran on this spool from host {} via {}; if it still runs, stop one of the two",
+                    w.host,
+                    w.mount
+                );
+            }
+            // Is it alive? Its beat counter moves within a beat or two.
+            let alive = instances.join(format!("{other}.alive"));
+            let wait = (self.lease_ttl / 4).max(Duration::from_millis(250)) * 3 / 2
+                + Duration::from_millis(200);
+            if beats_within(&alive, wait) {
+                return Err(ClaimError::LocksDoNotSpan {
+                    spool: root.to_path_buf(),
+                    mount: mount.describe(),
+                    why,
+                    fix,
+                    other: other.to_string(),
+                    other_where: format!("host {} via {}", w.host, w.mount),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Sets what happens when a file is fully recorded (the webhook).
@@ -351,8 +442,8 @@ impl Claimer {
         })
     }
 
-    fn lock_claims(&self) -> Result<File, ClaimError> {
-        lock_file(&self.spool.claim_lock())
+    fn lock_claims(&self) -> Result<ClaimLock, ClaimError> {
+        ClaimLock::take(&self.spool)
     }
 
     /// Claims up to `want` lines, spread round-robin over the pending files
@@ -381,7 +472,7 @@ impl Claimer {
         if entries.is_empty() {
             return Ok(batch);
         }
-        let _lock = self.lock_claims()?;
+        let lock = self.lock_claims()?;
         let n = entries.len();
         let start = self.rr % n;
         self.rr = self.rr.wrapping_add(1);
@@ -403,6 +494,7 @@ impl Claimer {
                 }
             }
         }
+        lock.release()?;
         Ok(batch)
     }
 
@@ -673,7 +765,16 @@ impl Claimer {
             .iter()
             .map(Entry::key)
             .collect();
-        let _lock = self.lock_claims()?;
+        let lock = self.lock_claims()?;
+        let res = self.take_over_locked(&present);
+        lock.release()?;
+        res
+    }
+
+    fn take_over_locked(
+        &mut self,
+        present: &HashSet<String>,
+    ) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
         // Claims only happen under `&mut self`, so this snapshot is complete.
         let held = self.held.lock().expect("held set").clone();
         let mut out = Vec::new();
@@ -843,6 +944,20 @@ impl Claimer {
     }
 }
 
+/// True if the beat counter in `alive` changes within `wait`.
+fn beats_within(alive: &Path, wait: Duration) -> bool {
+    let read = || fs::read(alive).ok();
+    let first = read();
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        if read() != first {
+            return true;
+        }
+    }
+    false
+}
+
 /// How writing a record for a claimed line ended. Never a bare `bool`: a
 /// lost-record bug once hid behind one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -888,11 +1003,13 @@ impl<'a> LeaseOwner<'a> {
         token: &str,
         f: impl FnOnce(LeaseDoc) -> Result<T, ClaimError>,
     ) -> Result<Option<T>, ClaimError> {
-        let _lock = lock_file(&self.spool.claim_lock())?;
-        match read_lease(lease) {
+        let lock = ClaimLock::take(self.spool)?;
+        let res = match read_lease(lease) {
             Some(doc) if doc.token == token => f(doc).map(Some),
             _ => Ok(None),
-        }
+        };
+        lock.release()?;
+        res
     }
 
     /// Deletes a lease whose lines all have durable records, if it is ours.
@@ -934,6 +1051,39 @@ fn lock_file(p: &Path) -> Result<File, ClaimError> {
         .map_err(io_err("open", p))?;
     f.lock().map_err(io_err("lock", p))?;
     Ok(f)
+}
+
+/// The claim lock, held, with its canary: a token of ours in `claim.owner`
+/// that must still be there when we let go (see locks.rs).
+struct ClaimLock {
+    _file: File,
+    owner: PathBuf,
+    token: String,
+}
+
+impl ClaimLock {
+    fn take(spool: &Spool) -> Result<ClaimLock, ClaimError> {
+        let file = lock_file(&spool.claim_lock())?;
+        let owner = spool.state().join("claim.owner");
+        let token = format!("{} {}\n", std::process::id(), ulid::Ulid::new());
+        // No fsync: the canary only has to be seen by whoever else is
+        // inside the lock now; a crash loses nothing it guards.
+        fs::write(&owner, &token).map_err(io_err("write", &owner))?;
+        Ok(ClaimLock {
+            _file: file,
+            owner,
+            token,
+        })
+    }
+
+    /// Lets go, and says whether anyone else was inside meanwhile.
+    fn release(self) -> Result<(), ClaimError> {
+        match fs::read_to_string(&self.owner) {
+            Ok(t) if t == self.token => Ok(()),
+            Ok(_) => Err(ClaimError::LockBroken(self.owner)),
+            Err(e) => Err(io_err("read", &self.owner)(e)),
+        }
+    }
 }
 
 pub fn read_lease(p: &Path) -> Option<LeaseDoc> {
@@ -1044,6 +1194,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::io::Write;
+
+    #[test]
+    fn the_claim_lock_canary_sees_another_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = Spool::new(d.path());
+        spool.create_dirs().unwrap();
+        let lock = ClaimLock::take(&spool).unwrap();
+        lock.release().unwrap();
+        // What a daemon on another mount does when flock does not exclude it.
+        let lock = ClaimLock::take(&spool).unwrap();
+        std::fs::write(spool.state().join("claim.owner"), "999 other\n").unwrap();
+        assert!(matches!(lock.release(), Err(ClaimError::LockBroken(_))));
+    }
 
     fn claimer(spool: &Spool, name: &str) -> Claimer {
         Claimer::open(

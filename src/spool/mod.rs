@@ -19,6 +19,7 @@ pub mod claim;
 pub mod heartbeat;
 pub mod lease;
 pub mod lines;
+pub mod locks;
 pub mod records;
 pub mod scan;
 pub mod watch;

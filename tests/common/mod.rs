@@ -192,9 +192,14 @@ impl Env {
     /// Runs to completion with a deadline. Its output is read while it runs
     /// (a full pipe would stop a chatty run).
     pub fn run(&self, args: &[&str], secs: u64) -> Output {
+        self.run_with(&self.config(), args, secs)
+    }
+
+    /// [`Env::run`] with another config file.
+    pub fn run_with(&self, config: &Path, args: &[&str], secs: u64) -> Output {
         use std::io::Read;
         let mut child = self
-            .cmd(args)
+            .cmd_with(config, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
