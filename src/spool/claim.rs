@@ -74,15 +74,8 @@ pub enum ClaimError {
     },
     #[error("the spool folder was removed or replaced under the running daemon ({} is no longer the file this daemon locked); stopping, so that no other daemon mistakes our claims for its own", .0.display())]
     LockLost(PathBuf),
-    #[error("spool {} is on {mount}: {why}, so its locks do not reach other hosts or mounts, and daemon {other:?} already runs on it from {other_where}; two daemons there would run every line twice. Run daemons on one host (and one mount) only, or {fix}", .spool.display())]
-    LocksDoNotSpan {
-        spool: PathBuf,
-        mount: String,
-        why: String,
-        fix: String,
-        other: String,
-        other_where: String,
-    },
+    #[error("{0}")]
+    LocksDoNotSpan(Box<ForeignDaemon>),
     #[error("the claim lock {} did not keep another daemon out (its owner token changed while we held it): locks on this spool do not work across hosts or mounts; stopping so that no line runs twice (see `ttspool check`)", .0.display())]
     LockBroken(PathBuf),
     #[error("cannot {action} {}: {}", .path.display(), crate::util::io_msg(.source))]
@@ -91,6 +84,18 @@ pub enum ClaimError {
         path: PathBuf,
         source: io::Error,
     },
+}
+
+/// Another daemon on a spool whose locks would not keep it out.
+#[derive(Debug, thiserror::Error)]
+#[error("spool {} is on {mount}: {why}, so its locks do not reach other hosts or mounts, and daemon {other:?} already runs on it from {other_where}; two daemons there would run every line twice. Run daemons on one host (and one mount) only, or {fix}", .spool.display())]
+pub struct ForeignDaemon {
+    pub spool: PathBuf,
+    pub mount: String,
+    pub why: String,
+    pub fix: String,
+    pub other: String,
+    pub other_where: String,
 }
 
 impl ClaimError {
@@ -379,14 +384,14 @@ impl Claimer {
             let wait = (self.lease_ttl / 4).max(Duration::from_millis(250)) * 3 / 2
                 + Duration::from_millis(200);
             if beats_within(&alive, wait) {
-                return Err(ClaimError::LocksDoNotSpan {
+                return Err(ClaimError::LocksDoNotSpan(Box::new(ForeignDaemon {
                     spool: root.to_path_buf(),
                     mount: mount.describe(),
                     why,
                     fix,
                     other: other.to_string(),
                     other_where: format!("host {} via {}", w.host, w.mount),
-                });
+                })));
             }
         }
         Ok(())
