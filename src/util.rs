@@ -6,6 +6,43 @@ use std::io::{self, Write};
 use std::path::Path;
 
 /// "not found" rather than "No such file or directory (os error 2)".
+/// Takes an exclusive lock on `file` (our sidecar `path`), and while it
+/// waits says so every 30 s, naming the holder when `holder` can tell,
+/// instead of hanging silently behind a daemon that stalled holding it.
+pub fn lock_noting(
+    file: &File,
+    path: &Path,
+    holder: impl Fn() -> Option<String>,
+) -> io::Result<()> {
+    const NOTE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+    match file.try_lock() {
+        Ok(()) => return Ok(()),
+        Err(fs::TryLockError::WouldBlock) => {}
+        Err(fs::TryLockError::Error(e)) => return Err(e),
+    }
+    let started = std::time::Instant::now();
+    let mut note_at = NOTE_EVERY;
+    let mut nap = std::time::Duration::from_millis(1);
+    loop {
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(std::time::Duration::from_millis(20));
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        if started.elapsed() >= note_at {
+            note_at += NOTE_EVERY;
+            tracing::warn!(
+                "waiting for {} for {} s (held by {})",
+                path.display(),
+                started.elapsed().as_secs(),
+                holder().unwrap_or_else(|| "another process".into())
+            );
+        }
+    }
+}
+
 /// True for "no space left" and "quota exceeded": the disk is full for us.
 pub fn is_disk_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))

@@ -200,7 +200,7 @@ fn signal_group(pgid: i32, sig: i32) {
 /// Runs one child to its end. `cancel` turning true kills it at once.
 pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildResult {
     let started = Instant::now();
-    let mut child = match spawn::spawn(spec) {
+    let mut child = match spawn::spawn(spec).await {
         Ok(c) => c,
         Err(e) => {
             return ChildResult {

@@ -11,9 +11,21 @@
 //! suspended meanwhile (`CLONE_VFORK`), so nothing is copied.
 //!
 //! The child's code ([`child_main`]) runs on its own small stack *inside the
-//! parent's memory*, so it only reads what the parent prepared, makes plain
-//! system calls, writes one error word and ends in `execve` or `_exit`: no
-//! allocation, no locks, no panics.
+//! parent's memory*, so it only reads what the parent prepared, makes raw
+//! system calls (`syscall(2)`, never the libc wrappers an `LD_PRELOAD`
+//! library could hook and take locks in), writes one error word and ends in
+//! `execve` or `_exit`: no allocation, no locks, no panics. Its stack is
+//! mapped once, with a guard page below it, so an overflow faults instead of
+//! writing over the daemon's memory.
+//!
+//! **A thread of its own.** `CLONE_VFORK` suspends the calling thread until
+//! the child has exec'ed — and `chdir` or `execve` on a hung NFS mount can
+//! take forever. So every child is started by one long-lived spawner thread
+//! ([`spawn`] hands it the work and awaits the answer): the event loop never
+//! waits on a child's start, and the spawner, living as long as the daemon,
+//! is the thread whose exit `PR_SET_PDEATHSIG` watches. Children that must be
+//! killed and reaped without a waiter (a dropped [`Child`]) go to a reaper
+//! thread, because a child stuck in the kernel can take a while to die.
 //!
 //! Waiting uses a pidfd (`CLONE_PIDFD`, Linux ≥ 5.2) registered with the runtime, so a
 //! child's exit wakes the event loop directly. A pidfd says "exited" without
@@ -41,6 +53,101 @@ use super::{BaseEnv, ChildSpec};
 /// Stack for the child between `clone` and `execve`; it runs a handful of
 /// system calls (glibc's posix_spawn uses 32 KiB plus the arguments).
 const CHILD_STACK: usize = 64 * 1024;
+const GUARD: usize = 4096;
+
+/// The child stack: mapped once by the spawner thread (children start one
+/// at a time), with a `PROT_NONE` guard page below it.
+struct Stack {
+    top: *mut libc::c_void,
+}
+
+impl Stack {
+    fn map() -> io::Result<Stack> {
+        // SAFETY: an anonymous private mapping; the guard page is the
+        // lowest page of it.
+        unsafe {
+            let base = libc::mmap(
+                ptr::null_mut(),
+                CHILD_STACK + GUARD,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::mprotect(base, GUARD, libc::PROT_NONE) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The stack grows down from its end, 16-byte aligned.
+            let top = ((base as usize + CHILD_STACK + GUARD) & !15) as *mut libc::c_void;
+            Ok(Stack { top })
+        }
+    }
+}
+
+/// A started child before its pidfd is registered with the runtime.
+struct Started {
+    pid: libc::pid_t,
+    pidfd: Option<OwnedFd>,
+    stderr: OwnedFd,
+}
+
+type Job = (ChildSpec, tokio::sync::oneshot::Sender<io::Result<Started>>);
+
+/// The spawner thread's queue.
+fn spawner() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Job>> {
+    static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("ttspool-spawner".into())
+            .spawn(move || {
+                let stack = Stack::map();
+                while let Ok((spec, reply)) = rx.recv() {
+                    let res = match &stack {
+                        Ok(s) => start(&spec, s),
+                        Err(e) => Err(io::Error::new(
+                            e.kind(),
+                            format!("cannot map a child stack: {e}"),
+                        )),
+                    };
+                    if let Err(Ok(orphan)) = reply.send(res) {
+                        // Nobody waits for it any more (shutdown).
+                        reap_later(orphan.pid);
+                    }
+                }
+            })
+            .expect("the spawner thread starts");
+        std::sync::Mutex::new(tx)
+    })
+}
+
+/// Kills the group of `pid` and reaps it on the reaper thread.
+fn reap_later(pid: libc::pid_t) {
+    static REAPER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<libc::pid_t>>> =
+        OnceLock::new();
+    let tx = REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<libc::pid_t>();
+        let _ = std::thread::Builder::new()
+            .name("ttspool-reaper".into())
+            .spawn(move || {
+                while let Ok(pid) = rx.recv() {
+                    let mut st = 0;
+                    // SAFETY: pid is our unreaped child.
+                    while unsafe { libc::waitpid(pid, &mut st, 0) } < 0
+                        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+                    {
+                    }
+                }
+            });
+        std::sync::Mutex::new(tx)
+    });
+    // SAFETY: the group is ours and its leader unreaped.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let _ = tx.lock().expect("reaper").send(pid);
+}
 
 /// Set once the kernel has refused `CLONE_PIDFD` (before Linux 5.2).
 static NO_PIDFD: AtomicBool = AtomicBool::new(false);
@@ -68,9 +175,40 @@ struct ChildArgs {
 }
 
 /// Starts `spec.argv` with stdin and stdout on /dev/null and stderr on a
-/// pipe (see [`Child::take_stderr`]). Must be called from a thread that lives
-/// as long as the daemon: the death signal fires when *that thread* exits.
-pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
+/// pipe (see [`Child::take_stderr`]), on the spawner thread.
+pub async fn spawn(spec: &ChildSpec) -> io::Result<Child> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    spawner()
+        .lock()
+        .expect("spawner")
+        .send((spec.clone(), tx))
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    let started = rx
+        .await
+        .map_err(|_| io::Error::other("the spawner thread stopped"))??;
+    let pidfd = match started.pidfd {
+        // SAFETY: an OwnedFd stays open and the same until the AsyncFd drops it.
+        Some(fd) => match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                let (_, e) = e.into_parts();
+                reap_later(started.pid);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    Ok(Child {
+        pid: started.pid,
+        pidfd,
+        stderr: Some(started.stderr),
+        reaped: None,
+    })
+}
+
+/// Prepares everything the child reads, then clones it: runs on the
+/// spawner thread.
+fn start(spec: &ChildSpec, stack: &Stack) -> io::Result<Started> {
     let path = resolve(&spec.argv[0], &spec.base, &spec.env)?;
     let path = cstring(path.as_os_str().as_bytes())?;
     let argv = spec
@@ -108,12 +246,7 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         parent: unsafe { libc::getpid() },
         error: AtomicI32::new(0),
     };
-    // Not zeroed: the child writes before it reads, like any stack.
-    let mut stack = Vec::<u8>::with_capacity(CHILD_STACK);
-    // The stack grows down from its end, 16-byte aligned.
-    let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut libc::c_void;
-
-    let (pid, pidfd) = clone_child(&args, top)?;
+    let (pid, pidfd) = clone_child(&args, stack.top)?;
     drop(err_w); // the child holds its own copy now
     let failed = args.error.load(Ordering::Acquire);
     if failed != 0 {
@@ -123,31 +256,12 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         unsafe { libc::waitpid(pid, &mut st, 0) };
         return Err(io::Error::from_raw_os_error(failed));
     }
-    let pidfd = match pidfd {
-        // SAFETY: an OwnedFd stays open and the same until the AsyncFd drops it.
-        Some(fd) => match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                let (_, e) = e.into_parts();
-                let mut child = Child {
-                    pid,
-                    pidfd: None,
-                    stderr: None,
-                    reaped: None,
-                };
-                child.kill_and_reap();
-                return Err(e);
-            }
-        },
-        None => None,
-    };
     // These must outlive the clone call; the child has exec'ed by now.
-    drop((stack, argv_ptrs, env_ptrs, argv, env, path, cwd));
-    Ok(Child {
+    drop((argv_ptrs, env_ptrs, argv, env, path, cwd));
+    Ok(Started {
         pid,
         pidfd,
-        stderr: Some(err_r),
-        reaped: None,
+        stderr: err_r,
     })
 }
 
@@ -229,65 +343,125 @@ fn clone_child(
     }
 }
 
+/// The kernel's `struct sigaction` (x86_64, aarch64): what `rt_sigaction`
+/// takes when called without libc's translation.
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
 /// The child between `clone` and `execve`. See the module comment for what
-/// it may and may not do.
+/// it may and may not do: raw system calls only.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: arg points at the parent's ChildArgs, alive while the parent
     // is suspended; only system calls follow.
     unsafe {
         let a = &*(arg as *const ChildArgs);
+        let sys = |n: libc::c_long, x: usize, y: usize, z: usize| -> libc::c_long {
+            libc::syscall(n, x, y, z, 0usize, 0usize)
+        };
+        let fail = |a: &ChildArgs| -> ! {
+            a.error.store(*libc::__errno_location(), Ordering::Release);
+            libc::syscall(libc::SYS_exit_group, 127);
+            unreachable_exit()
+        };
         // Default dispositions for every signal the daemon catches (its
         // handlers must never run here, in its memory) and for SIGPIPE,
         // which Rust programs ignore; ignored ones stay ignored, as exec
         // would leave them. Then the empty mask a fresh program expects.
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..libc::SIGRTMAX() + 1 {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+        let dfl = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        let set = std::mem::size_of::<u64>();
+        for sig in 1..=64usize {
+            if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
                 continue;
             }
-            if libc::sigaction(sig, ptr::null(), &mut sa) != 0 {
+            let mut old = KernelSigaction {
+                handler: 0,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
+            let r = libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                ptr::null::<KernelSigaction>(),
+                &mut old as *mut KernelSigaction,
+                set,
+            );
+            if r != 0 {
                 continue;
             }
-            let caught = sa.sa_sigaction != libc::SIG_DFL && sa.sa_sigaction != libc::SIG_IGN;
-            if caught || sig == libc::SIGPIPE {
-                libc::sigaction(sig, &dfl, ptr::null_mut());
+            let caught = old.handler != libc::SIG_DFL && old.handler != libc::SIG_IGN;
+            if caught || sig == libc::SIGPIPE as usize {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    ptr::null_mut::<KernelSigaction>(),
+                    set,
+                );
             }
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-
-        let fail = |a: &ChildArgs| -> ! {
-            a.error.store(*libc::__errno_location(), Ordering::Release);
-            libc::_exit(127)
-        };
-        if libc::setpgid(0, 0) != 0 {
+        if sys(libc::SYS_setpgid, 0, 0, 0) != 0 {
             fail(a);
         }
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        if sys(
+            libc::SYS_prctl,
+            libc::PR_SET_PDEATHSIG as usize,
+            libc::SIGKILL as usize,
+            0,
+        ) != 0
+        {
             fail(a);
         }
         // The daemon may have died before the death signal was armed.
-        if libc::getppid() != a.parent {
-            libc::_exit(1);
+        if sys(libc::SYS_getppid, 0, 0, 0) != a.parent as libc::c_long {
+            libc::syscall(libc::SYS_exit_group, 1);
         }
         for (from, to) in [(a.null_fd, 0), (a.null_fd, 1), (a.err_fd, 2)] {
             let r = if from == to {
-                libc::fcntl(to, libc::F_SETFD, 0) // keep it across exec
+                // keep it across exec
+                sys(libc::SYS_fcntl, to as usize, libc::F_SETFD as usize, 0)
             } else {
-                libc::dup2(from, to)
+                sys(libc::SYS_dup3, from as usize, to as usize, 0)
             };
             if r < 0 {
                 fail(a);
             }
         }
-        if !a.cwd.is_null() && libc::chdir(a.cwd) != 0 {
+        if !a.cwd.is_null() && sys(libc::SYS_chdir, a.cwd as usize, 0, 0) != 0 {
             fail(a);
         }
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
-        libc::execve(a.path, a.argv, a.envp);
+        let empty: u64 = 0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            ptr::null_mut::<u64>(),
+            set,
+        );
+        sys(
+            libc::SYS_execve,
+            a.path as usize,
+            a.argv as usize,
+            a.envp as usize,
+        );
         fail(a)
+    }
+}
+
+/// After `exit_group`, which does not return.
+fn unreachable_exit() -> ! {
+    loop {
+        std::hint::spin_loop();
     }
 }
 
@@ -316,28 +490,33 @@ impl Child {
                 ready.clear_ready();
             },
             None => {
+                // Old kernels: a thread of its own per waiting child, never
+                // the runtime's blocking pool that the spool's work uses.
                 let pid = self.pid;
-                tokio::task::spawn_blocking(move || {
-                    // SAFETY: waitid fills a zeroed siginfo_t; WNOWAIT leaves
-                    // the child to be reaped by its owner.
-                    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-                    loop {
-                        let r = unsafe {
-                            libc::waitid(
-                                libc::P_PID,
-                                pid as libc::id_t,
-                                &mut info,
-                                libc::WEXITED | libc::WNOWAIT,
-                            )
-                        };
-                        let e = io::Error::last_os_error();
-                        if r == 0 || e.kind() != io::ErrorKind::Interrupted {
-                            return;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                std::thread::Builder::new()
+                    .name("ttspool-wait".into())
+                    .spawn(move || {
+                        // SAFETY: waitid fills a zeroed siginfo_t; WNOWAIT leaves
+                        // the child to be reaped by its owner.
+                        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                        loop {
+                            let r = unsafe {
+                                libc::waitid(
+                                    libc::P_PID,
+                                    pid as libc::id_t,
+                                    &mut info,
+                                    libc::WEXITED | libc::WNOWAIT,
+                                )
+                            };
+                            let e = io::Error::last_os_error();
+                            if r == 0 || e.kind() != io::ErrorKind::Interrupted {
+                                let _ = tx.send(());
+                                return;
+                            }
                         }
-                    }
-                })
-                .await
-                .map_err(io::Error::other)
+                    })?;
+                rx.await.map_err(io::Error::other)
             }
         }
     }
@@ -387,22 +566,16 @@ impl Child {
         self.reaped = Some(st);
         Ok(st)
     }
-
-    fn kill_and_reap(&mut self) {
-        if self.reaped.is_none() {
-            // SAFETY: the group is ours and its leader unreaped, so the id
-            // cannot belong to anyone else.
-            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
-            let _ = self.reap();
-        }
-    }
 }
 
 impl Drop for Child {
     /// A child is never left running or unreaped, even when its waiter is
-    /// dropped half-way (runtime shutdown).
+    /// dropped half-way (runtime shutdown): killed at once, reaped on the
+    /// reaper thread (a child stuck in the kernel takes a while to die).
     fn drop(&mut self) {
-        self.kill_and_reap();
+        if self.reaped.is_none() {
+            reap_later(self.pid);
+        }
     }
 }
 
@@ -513,6 +686,7 @@ mod tests {
                 "echo \"$TTSPOOL_TEST_VAR $(pwd)\" >&2; \
                  test \"$(cut -d' ' -f5 /proc/$$/stat)\" = $$ && exit 3",
             ]))
+            .await
             .unwrap();
             c.exited().await.unwrap();
             let st = c.reap().unwrap();
@@ -527,7 +701,9 @@ mod tests {
         // both ways of waiting are correct for the other tests).
         NO_PIDFD.store(true, Ordering::Relaxed);
         rt().block_on(async {
-            let mut c = spawn(&spec(&["sh", "-c", "sleep 0.2; exit 4"])).unwrap();
+            let mut c = spawn(&spec(&["sh", "-c", "sleep 0.2; exit 4"]))
+                .await
+                .unwrap();
             assert!(c.pidfd.is_none());
             assert!(!c.has_exited().unwrap());
             c.exited().await.unwrap();
@@ -538,12 +714,12 @@ mod tests {
 
     #[test]
     fn missing_program_is_an_error_and_leaves_no_child() {
-        let e = match spawn(&spec(&["/nonexistent/engine"])) {
+        let e = match rt().block_on(spawn(&spec(&["/nonexistent/engine"]))) {
             Err(e) => e,
             Ok(_) => panic!("spawned a missing program"),
         };
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
-        let e = match spawn(&spec(&["no-such-engine-on-path"])) {
+        let e = match rt().block_on(spawn(&spec(&["no-such-engine-on-path"]))) {
             Err(e) => e,
             Ok(_) => panic!("spawned a missing program"),
         };
@@ -558,6 +734,7 @@ mod tests {
                 "-c",
                 "grep -E '^(SigBlk|SigIgn)' /proc/self/status >&2",
             ]))
+            .await
             .unwrap();
             c.exited().await.unwrap();
             assert!(c.reap().unwrap().success());

@@ -1054,7 +1054,13 @@ fn lock_file(p: &Path) -> Result<File, ClaimError> {
         .write(true)
         .open(p)
         .map_err(io_err("open", p))?;
-    f.lock().map_err(io_err("lock", p))?;
+    let owner = p.with_file_name("claim.owner");
+    crate::util::lock_noting(&f, p, || {
+        fs::read_to_string(&owner)
+            .ok()
+            .map(|t| t.trim().to_string())
+    })
+    .map_err(io_err("lock", p))?;
     Ok(f)
 }
 
@@ -1070,7 +1076,14 @@ impl ClaimLock {
     fn take(spool: &Spool) -> Result<ClaimLock, ClaimError> {
         let file = lock_file(&spool.claim_lock())?;
         let owner = spool.state().join("claim.owner");
-        let token = format!("{} {}\n", std::process::id(), ulid::Ulid::new());
+        let token = format!(
+            "pid {} on {} ({})\n",
+            std::process::id(),
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            ulid::Ulid::new()
+        );
         // No fsync: the canary only has to be seen by whoever else is
         // inside the lock now; a crash loses nothing it guards.
         fs::write(&owner, &token).map_err(io_err("write", &owner))?;

@@ -347,7 +347,7 @@ impl RecordLog {
             .truncate(false)
             .write(true)
             .open(&self.lock)?;
-        f.lock()?;
+        crate::util::lock_noting(&f, &self.lock, || None)?;
         Ok(f)
     }
 
