@@ -43,8 +43,14 @@ use crate::webhook::deliver;
 use crate::webhook::outbox::Outbox;
 use crate::webhook::Settings;
 
-/// How often we beat and look for abandoned claims.
+/// How often we beat: often enough that our beat is never older than a
+/// quarter of the lease while we run (a beat is a 64-byte overwrite).
 fn beat_interval(lease: Duration) -> Duration {
+    (lease / 8).max(Duration::from_millis(100))
+}
+
+/// How often we look for abandoned claims (a scan of the spool's leases).
+fn takeover_interval(lease: Duration) -> Duration {
     (lease / 4).max(Duration::from_millis(250))
 }
 
@@ -185,6 +191,8 @@ struct DiskFull {
     next_claim: std::time::Instant,
     wait: Duration,
     logged: Option<std::time::Instant>,
+    /// Bytes the failed writes needed, at least.
+    needed: u64,
 }
 
 /// Self-fencing: where a daemon that may have been judged dead stands.
@@ -354,7 +362,7 @@ pub async fn run(
     };
     let mut poll = tokio::time::interval(d.cfg.spool.poll_interval.0);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let beat_every = beat_interval(d.cfg.spool.lease.0);
+    let beat_every = takeover_interval(d.cfg.spool.lease.0);
     let mut beat = tokio::time::interval(beat_every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // systemd's watchdog is pinged from this loop, so a wedged loop gets
@@ -431,6 +439,10 @@ impl Daemon {
                 match res {
                     Ok(batch) => self.claimed(batch),
                     Err(e @ ClaimError::LockBroken(_)) => self.fatal = Some(e.to_string()),
+                    Err(e) if e.is_disk_full() => {
+                        self.disk_is_full(&e.to_string(), 4096);
+                        self.last_claim_empty = true;
+                    }
                     Err(e) => {
                         error!("claiming failed: {e}");
                         self.last_error = Some(e.to_string());
@@ -455,6 +467,7 @@ impl Daemon {
                     Err(e @ (ClaimError::LockLost(_) | ClaimError::LockBroken(_))) => {
                         self.fatal = Some(e.to_string())
                     }
+                    Err(e) if e.is_disk_full() => self.disk_is_full(&e.to_string(), 4096),
                     Err(e) => error!("checking for abandoned claims failed: {e}"),
                 }
             }
@@ -635,6 +648,10 @@ impl Daemon {
         if self.stopping > 0 {
             return idle;
         }
+        if self.opts.once && self.disk_full.is_some() {
+            // `--once` does not wait for space; its verdict names what is left.
+            return idle;
+        }
         self.opts.once
             && idle
             && self.recovered
@@ -707,8 +724,15 @@ impl Daemon {
                 self.dirty = false;
                 return;
             }
-            if std::time::Instant::now() < full.next_claim {
-                let at = full.next_claim;
+            // Try again when the wait is over, or at once when the file
+            // system shows room again (statvfs is cheap; a failed claim is
+            // not).
+            let room = crate::util::free_bytes(&self.cfg.spool.dir)
+                .is_some_and(|free| free > full.needed * 2 + 64 * 1024);
+            if std::time::Instant::now() < full.next_claim && !room {
+                let at = full
+                    .next_claim
+                    .min(std::time::Instant::now() + Duration::from_secs(1));
                 self.wake_at(at);
                 return;
             }
@@ -799,7 +823,9 @@ impl Daemon {
             next_claim: now,
             wait: Duration::from_secs(1),
             logged: None,
+            needed,
         });
+        full.needed = full.needed.max(needed);
         full.next_claim = now + full.wait;
         full.wait = (full.wait * 2).min(Duration::from_secs(30));
         if full

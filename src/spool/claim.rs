@@ -30,7 +30,7 @@
 //! # Liveness without synchronized clocks
 //!
 //! Each daemon holds `.ttspool/instances/<instance>.lock` for its whole life
-//! and bumps the beat counter in `<instance>.alive` every `lease/4`, from a
+//! and bumps the beat counter in `<instance>.alive` every `lease/8`, from a
 //! thread of its own (heartbeat.rs). Another daemon is dead when its counter
 //! has stood still for `spool.lease` on the observer's monotonic clock, so
 //! the hosts' clocks never meet. Leases of our own instance name that we do
@@ -50,7 +50,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -381,7 +381,7 @@ impl Claimer {
             }
             // Is it alive? Its beat counter moves within a beat or two.
             let alive = instances.join(format!("{other}.alive"));
-            let wait = (self.lease_ttl / 4).max(Duration::from_millis(250)) * 3 / 2
+            let wait = (self.lease_ttl / 8).max(Duration::from_millis(100)) * 3
                 + Duration::from_millis(200);
             if beats_within(&alive, wait) {
                 return Err(ClaimError::LocksDoNotSpan(Box::new(ForeignDaemon {
@@ -1076,17 +1076,25 @@ impl ClaimLock {
     fn take(spool: &Spool) -> Result<ClaimLock, ClaimError> {
         let file = lock_file(&spool.claim_lock())?;
         let owner = spool.state().join("claim.owner");
-        let token = format!(
-            "pid {} on {} ({})\n",
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let mut token = format!(
+            "pid {} on {} ({})",
             std::process::id(),
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_default()
-                .trim(),
+            host.trim(),
             ulid::Ulid::new()
         );
-        // No fsync: the canary only has to be seen by whoever else is
-        // inside the lock now; a crash loses nothing it guards.
-        fs::write(&owner, &token).map_err(io_err("write", &owner))?;
+        // Always 128 bytes, overwritten in place: nothing to allocate, so
+        // it works on a full disk. No fsync: the canary only has to be seen
+        // by whoever else is inside the lock now.
+        token.truncate(127);
+        let token = format!("{token:<127}\n");
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&owner)
+            .and_then(|f| f.write_all_at(token.as_bytes(), 0))
+            .map_err(io_err("write", &owner))?;
         Ok(ClaimLock {
             _file: file,
             owner,
@@ -1097,7 +1105,7 @@ impl ClaimLock {
     /// Lets go, and says whether anyone else was inside meanwhile.
     fn release(self) -> Result<(), ClaimError> {
         match fs::read_to_string(&self.owner) {
-            Ok(t) if t == self.token => Ok(()),
+            Ok(t) if t.starts_with(&self.token) => Ok(()),
             Ok(_) => Err(ClaimError::LockBroken(self.owner)),
             Err(e) => Err(io_err("read", &self.owner)(e)),
         }

@@ -1,7 +1,7 @@
 //! Our heartbeat, and how we judge the heartbeats of others.
 //!
 //! **Beating.** `<instance>.alive` holds `{"pid", "beat"}`; the beat counter
-//! goes up every `lease/4`. The beats come from a thread of their own that
+//! goes up every `lease/8`. The beats come from a thread of their own that
 //! takes no lock the claim or record paths take, does no DNS and shares no
 //! pool: a daemon busy claiming, fsyncing or resolving webhook hosts still
 //! beats. The thread can still be stopped — by SIGSTOP, a frozen VM, or a
