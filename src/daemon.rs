@@ -1509,7 +1509,14 @@ fn committer(
                         ),
                         needed: bytes,
                     });
-                    std::thread::sleep(wait);
+                    // Until the wait is over, or the file system shows room.
+                    let until = std::time::Instant::now() + wait;
+                    let dir = log.done.parent().unwrap_or(std::path::Path::new("."));
+                    while std::time::Instant::now() < until
+                        && !crate::util::free_bytes(dir).is_some_and(|f| f > bytes * 2 + 64 * 1024)
+                    {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
                     wait = (wait * 2).min(Duration::from_secs(30));
                 }
                 other => break other,
