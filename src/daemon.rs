@@ -1513,7 +1513,7 @@ fn committer(
                     let until = std::time::Instant::now() + wait;
                     let dir = log.done.parent().unwrap_or(std::path::Path::new("."));
                     while std::time::Instant::now() < until
-                        && !crate::util::free_bytes(dir).is_some_and(|f| f > bytes * 2 + 64 * 1024)
+                        && crate::util::free_bytes(dir).is_none_or(|f| f <= bytes * 2 + 64 * 1024)
                     {
                         std::thread::sleep(Duration::from_millis(200));
                     }
