@@ -858,7 +858,9 @@ impl Daemon {
     fn claimed(&mut self, batch: Batch) {
         match &batch.disk_full {
             Some(what) => self.disk_is_full(what, 4096),
-            None => self.disk_has_space(),
+            // Only a claim that wrote something proves there is room.
+            None if !batch.leases.is_empty() || !batch.consumed.is_empty() => self.disk_has_space(),
+            None => {}
         }
         if let Some(e) = batch.errors.last() {
             self.last_error = Some(e.clone());
@@ -1344,13 +1346,9 @@ impl Daemon {
                 Event::LeasesChecked,
             );
         } else if self.fenced == Fencing::Stale {
-            // Look again soon.
-            let tx = self.tx.clone();
-            let every = self.heartbeat.every();
-            tokio::spawn(async move {
-                tokio::time::sleep(every).await;
-                let _ = tx.send(Event::Hint);
-            });
+            // Look again soon (one timer, however often we get here).
+            let at = std::time::Instant::now() + self.heartbeat.every();
+            self.wake_at(at);
         }
         false
     }
