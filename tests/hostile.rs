@@ -113,8 +113,9 @@ fn engines_get_only_allow_listed_variables_and_no_secrets() {
     ];
     // The default env_pass (not the tests' one), plus TTSPOOL_*: ttspool's
     // own variables never pass, whatever the list says.
-    env.engine_extra
-        .push_str("env_pass = [\"PATH\", \"HOME\", \"USER\", \"LOGNAME\", \"SHELL\", \"LANG\", \"LANGUAGE\", \"LC_*\", \"TZ\", \"TMPDIR\", \"TERM\", \"LD_LIBRARY_PATH\", \"CUDA_*\", \"NVIDIA_*\", \"NCCL_*\", \"PYTORCH_*\", \"TORCH_*\", \"OMP_NUM_THREADS\", \"MKL_NUM_THREADS\", \"PYTHON*\", \"VIRTUAL_ENV\", \"CONDA_*\", \"HF_*\", \"HUGGINGFACE_*\", \"TRANSFORMERS_*\", \"XDG_CACHE_HOME\", \"XDG_RUNTIME_DIR\", \"ESPEAK_DATA_PATH\", \"SSL_CERT_FILE\", \"SSL_CERT_DIR\", \"REQUESTS_CA_BUNDLE\", \"CURL_CA_BUNDLE\", \"HTTP_PROXY\", \"HTTPS_PROXY\", \"NO_PROXY\", \"http_proxy\", \"https_proxy\", \"no_proxy\", \"TTSPOOL_*\"]\n");
+    let mut pass = ttspool::config::default_env_pass();
+    pass.push("TTSPOOL_*".into());
+    env.engine_extra.push_str(&format!("env_pass = {pass:?}\n"));
     env.write_config();
     env.drop_file("t.jsonl", &task_line("e1", "hello"));
     env.run_once();
@@ -130,50 +131,9 @@ fn engines_get_only_allow_listed_variables_and_no_secrets() {
         vars["DUMP_DIR"].as_str().unwrap(),
         env.root().join("dumps").to_str().unwrap()
     );
-    let allowed_prefix = [
-        "LC_",
-        "CUDA_",
-        "NVIDIA_",
-        "NCCL_",
-        "PYTORCH_",
-        "TORCH_",
-        "PYTHON",
-        "CONDA_",
-        "HF_",
-        "HUGGINGFACE_",
-        "TRANSFORMERS_",
-    ];
-    let allowed = [
-        "PATH",
-        "HOME",
-        "USER",
-        "LOGNAME",
-        "SHELL",
-        "LANG",
-        "LANGUAGE",
-        "TZ",
-        "TMPDIR",
-        "TERM",
-        "LD_LIBRARY_PATH",
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-        "VIRTUAL_ENV",
-        "XDG_CACHE_HOME",
-        "XDG_RUNTIME_DIR",
-        "ESPEAK_DATA_PATH",
-        "SSL_CERT_FILE",
-        "SSL_CERT_DIR",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-        "DUMP_DIR",
-        "DUMP_WAV",
-        // what ttspool sets itself (SPEC §4 and the orphan marks)
+    // What ttspool sets itself (SPEC §4 and the orphan marks), engine.env,
+    // and the default allow-list.
+    let set_by_us = [
         "TTSPOOL_TASK_ID",
         "TTSPOOL_OUTPUT",
         "TTSPOOL_SLOT",
@@ -181,12 +141,19 @@ fn engines_get_only_allow_listed_variables_and_no_secrets() {
         "TTSPOOL_SPOOL",
         "TTSPOOL_INSTANCE",
         "TTSPOOL_DAEMON_PID",
+        "DUMP_DIR",
+        "DUMP_WAV",
     ];
+    let defaults = ttspool::config::default_env_pass();
+    let allowed = |k: &str| {
+        set_by_us.contains(&k)
+            || defaults.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => k.starts_with(prefix),
+                None => p == k,
+            })
+    };
     for k in vars.keys() {
-        assert!(
-            allowed.contains(&k.as_str()) || allowed_prefix.iter().any(|p| k.starts_with(p)),
-            "{k} is outside the allow-list: {text}"
-        );
+        assert!(allowed(k), "{k} is outside the allow-list: {text}");
     }
 }
 
