@@ -41,7 +41,23 @@ pub fn is_remote(path: &Path) -> bool {
     matches!(t, NFS | SMB | CIFS | SMB2 | FUSE | CEPH | NINEP)
 }
 
-/// Starts watching `pending` according to `mode`; `hint` is called on any change.
+/// Only events that mean "something changed": a file made, renamed, written
+/// or closed after writing. Opens, reads and closes after reading — which
+/// our own scans cause — are not, or every scan would start the next one
+/// and an idle daemon would burn a core.
+fn means_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    use notify::EventKind;
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any | EventKind::Other => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+    }
+}
+
+/// Starts watching `pending` according to `mode`; `hint` is called on a change.
 pub fn watch(pending: &Path, mode: WatchMode, hint: impl Fn() + Send + 'static) -> Hints {
     let use_notify = match mode {
         WatchMode::Poll => false,
@@ -55,7 +71,7 @@ pub fn watch(pending: &Path, mode: WatchMode, hint: impl Fn() + Send + 'static) 
         };
     }
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if res.is_ok_and(|e| means_change(&e.kind)) {
             hint();
         }
     });
@@ -80,5 +96,33 @@ pub fn watch(pending: &Path, mode: WatchMode, hint: impl Fn() + Send + 'static) 
                 mode: "poll",
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RenameMode};
+    use notify::EventKind;
+
+    #[test]
+    fn our_own_reads_are_not_changes() {
+        assert!(!means_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!means_change(&EventKind::Access(AccessKind::Read)));
+        assert!(!means_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(means_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(means_change(&EventKind::Create(CreateKind::File)));
+        assert!(means_change(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(means_change(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
     }
 }
