@@ -6,7 +6,8 @@
 //!    small WAV, max_parallel = 2, against `xargs -P 2` running the same `cp`
 //!    over the same list;
 //! 2. claim/record path: 100,000 lines whose outputs exist (all skipped);
-//! 3. memory: peak RSS over a 1,000,000-line pending file; idle daemon RSS;
+//! 3. memory: peak RSS over a 1,000,000-line pending file; idle daemon RSS
+//!    and idle CPU (10 s on an empty spool);
 //! 4. latency: rename of a one-line file into `pending/` to the child's start,
 //!    with inotify and with polling only.
 
@@ -262,6 +263,25 @@ fn memory() {
         "memory: idle daemon RSS (VmRSS)",
         format!("{:.1} MiB", field("VmRSS:") as f64 / 1024.0),
         "< 16 MiB",
+    );
+    // Idle CPU over 10 s (user + system ticks, 100 a second = one core).
+    let ticks = || -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(10));
+    let used = ticks() - before;
+    row(
+        "idle: CPU of a daemon on an empty spool, 10 s",
+        format!("{used} ticks = {:.1} % of a core", used as f64 / 10.0),
+        "< 1 % of a core",
     );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
