@@ -148,7 +148,7 @@ fn original_callback(spool: &Spool, source: &Value, recorded: &str) -> Option<St
     [spool.pending().join(file), spool.consumed().join(file)]
         .iter()
         .find_map(|p| {
-            let f = std::fs::File::open(p).ok()?;
+            let f = crate::spool::scan::open_regular(p).ok()?;
             let text = std::io::BufReader::new(f)
                 .split(b'\n')
                 .nth(line as usize - 1)?

@@ -14,6 +14,8 @@ use crate::spool::Spool;
 #[derive(Debug, Default, Serialize)]
 pub struct Counts {
     pub pending_files: u64,
+    /// Entries of `pending/` that are never read (symlinks, FIFOs, ...).
+    pub rejected_files: u64,
     pub pending: u64,
     /// The same as `pending` (unclaimed task lines), by its longer name.
     pub pending_lines: u64,
@@ -53,6 +55,7 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
             .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
             .map(|d| d.as_secs()),
         pending_files: s.pending_files,
+        rejected_files: s.rejected_files,
         pending: s.pending_lines,
         pending_lines: s.pending_lines,
         in_flight: s.in_flight,
@@ -168,6 +171,12 @@ fn status_once(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8>
         "pending    {} line(s) in {} file(s)",
         c.pending, c.pending_files
     );
+    if c.rejected_files > 0 {
+        println!(
+            "rejected   {} entr(ies) in pending/ not read (symlinks, FIFOs, folders, ...; see the log)",
+            c.rejected_files
+        );
+    }
     println!("in flight  {}", c.in_flight);
     for (inst, n) in &c.in_flight_by_instance {
         println!("  {inst:<20} {n}");

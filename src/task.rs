@@ -241,10 +241,21 @@ pub fn check_output_name(name: &str) -> Result<(), String> {
             "{name:?} has {c:?}; only letters, digits, _ - . and / are allowed"
         ));
     }
-    for seg in name.split('/') {
+    let last = name.split('/').count() - 1;
+    for (i, seg) in name.split('/').enumerate() {
         if seg.is_empty() || seg.starts_with('.') {
             return Err(format!(
                 "{name:?} has an empty or dot-leading path segment {seg:?}"
+            ));
+        }
+        // A file name holds 255 bytes (NAME_MAX), and the last segment gets
+        // ".wav": 80 CJK characters are 240 bytes and fit, 90 do not.
+        let room = if i == last { 251 } else { 255 };
+        if seg.len() > room {
+            return Err(format!(
+                "segment {:?}… is {} bytes; a file name holds at most 255 bytes ({room} before \".wav\")",
+                seg.chars().take(10).collect::<String>(),
+                seg.len()
             ));
         }
         if seg.starts_with('-') {
@@ -372,6 +383,11 @@ mod tests {
             assert!(check_output_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_output_name(&"x".repeat(201)).is_err());
+        // NAME_MAX in bytes: 80 CJK characters (240 bytes) fit, 90 do not.
+        assert!(check_output_name(&"订".repeat(80)).is_ok());
+        let e = check_output_name(&"订".repeat(90)).unwrap_err();
+        assert!(e.contains("270 bytes") && e.contains("255"), "{e}");
+        assert!(check_output_name(&format!("{}/a", "订".repeat(85))).is_ok());
     }
 
     proptest! {

@@ -60,7 +60,7 @@ use super::heartbeat::{BeatError, Beater, Heartbeat, Liveness};
 use super::lines::{Line, LineReader, Next};
 use super::locks::{self, LockScope, Where};
 use super::records::{Pos, RecordLog};
-use super::scan::{scan, Entry};
+use super::scan::{scan, scan_all, Entry};
 use super::Spool;
 use crate::util::{atomic_write, create_exclusive, fsync_dir};
 
@@ -240,6 +240,8 @@ pub struct Claimer {
     held: HeldSet,
     /// Files already reported as fully claimed but not fully recorded.
     unrecorded_warned: HashSet<String>,
+    /// Entries of `pending/` already reported as not read (symlinks, FIFOs...).
+    rejected_warned: HashSet<String>,
     _instance_lock: File,
 }
 
@@ -307,6 +309,7 @@ impl Claimer {
             liveness: Liveness::default(),
             held: HeldSet::default(),
             unrecorded_warned: HashSet::new(),
+            rejected_warned: HashSet::new(),
             _instance_lock: lock,
         };
         match c.heartbeat() {
@@ -455,7 +458,15 @@ impl Claimer {
     /// (oldest first within a file), and moves fully consumed files away.
     pub fn claim(&mut self, want: usize) -> Result<Batch, ClaimError> {
         let pending = self.spool.pending();
-        let entries = scan(&pending).map_err(io_err("list", &pending))?;
+        let found = scan_all(&pending).map_err(io_err("list", &pending))?;
+        let names: HashSet<String> = found.rejected.iter().map(|r| r.name.clone()).collect();
+        self.rejected_warned.retain(|n| names.contains(n));
+        for r in &found.rejected {
+            if self.rejected_warned.insert(r.name.clone()) {
+                tracing::warn!(file = %r.name, "not read: {}", r.why);
+            }
+        }
+        let entries = found.files;
         let now = Instant::now();
         let keys: HashSet<String> = entries.iter().map(Entry::key).collect();
         self.seen.retain(|k, _| keys.contains(k));
@@ -517,7 +528,7 @@ impl Claimer {
         batch: &mut Batch,
     ) -> Result<usize, ClaimError> {
         let path = self.spool.pending().join(&e.name);
-        let file = match File::open(&path) {
+        let file = match super::scan::open_regular(&path) {
             Ok(f) => f,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(err) => return Err(io_err("open", &path)(err)),
@@ -717,7 +728,7 @@ impl Claimer {
                 }
             })
             .map_err(io_err("read", &self.log.done))?;
-        let file = File::open(path).map_err(io_err("open", path))?;
+        let file = super::scan::open_regular(path).map_err(io_err("open", path))?;
         let mut reader =
             LineReader::open(file, 0, 0, self.max_line_bytes).map_err(io_err("read", path))?;
         let mut missing = Vec::new();
@@ -916,7 +927,7 @@ impl Claimer {
     fn reread(&self, doc: &LeaseDoc, todo: &[u64]) -> Result<BTreeMap<u64, Line>, String> {
         let path = self.spool.pending().join(&doc.file);
         let gone = || format!("{} was replaced or removed before its lines ran", doc.file);
-        let file = File::open(&path).map_err(|_| gone())?;
+        let file = super::scan::open_regular(&path).map_err(|_| gone())?;
         let md = file.metadata().map_err(|_| gone())?;
         let ino_ok = doc.key.rsplit('.').next() == Some(&md.ino().to_string());
         if !ino_ok || md.len() < doc.end_off {
@@ -1165,6 +1176,9 @@ fn write_cursor(p: &Path, c: &Cursor) -> Result<(), ClaimError> {
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub pending_files: u64,
+    /// Entries of `pending/` that are not read: symlinks, FIFOs, devices,
+    /// folders, names that are not UTF-8.
+    pub rejected_files: u64,
     pub pending_lines: u64,
     pub in_flight: u64,
     pub in_flight_by_instance: BTreeMap<String, u64>,
@@ -1177,8 +1191,11 @@ pub struct Summary {
 pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
     let mut s = Summary::default();
     let pending = spool.pending();
-    let entries = match scan(&pending) {
-        Ok(e) => e,
+    let entries = match scan_all(&pending) {
+        Ok(found) => {
+            s.rejected_files = found.rejected.len() as u64;
+            found.files
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
@@ -1186,7 +1203,7 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
         s.pending_files += 1;
         let dir = spool.files().join(e.key());
         let cur = read_cursor(&dir.join("cursor")).unwrap_or_default();
-        let Ok(f) = File::open(pending.join(&e.name)) else {
+        let Ok(f) = super::scan::open_regular(&pending.join(&e.name)) else {
             continue;
         };
         let offset = if cur.offset > e.size { 0 } else { cur.offset };

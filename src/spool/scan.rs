@@ -38,31 +38,137 @@ pub fn ignored(name: &str) -> bool {
     name.starts_with('.') || name.ends_with(".tmp")
 }
 
-/// Regular files in `pending/`, oldest first (then by name).
+/// Task files are `*.jsonl` (SPEC §1); `README`, `notes.txt`, `x.jsonl~`,
+/// `x.jsonl.swp` or `data.json` are left alone.
+pub fn is_task_file(name: &str) -> bool {
+    name.ends_with(".jsonl") && !ignored(name)
+}
+
+/// An entry of `pending/` that looks like a task file but is never read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The name, lossily if it is not UTF-8.
+    pub name: String,
+    /// Why, and what to do about it.
+    pub why: &'static str,
+}
+
+/// What a scan found: task files, oldest first (then by name), and entries
+/// that are not read (symlinks, FIFOs, devices, folders, names that are not
+/// UTF-8).
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub files: Vec<Entry>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Lists `pending/` without following symlinks or opening anything.
 pub fn scan(pending: &Path) -> std::io::Result<Vec<Entry>> {
-    let mut out = Vec::new();
+    scan_all(pending).map(|s| s.files)
+}
+
+/// [`scan`], with what was rejected and why.
+pub fn scan_all(pending: &Path) -> std::io::Result<Scan> {
+    let mut out = Scan::default();
     for ent in std::fs::read_dir(pending)? {
         let ent = ent?;
-        let Ok(name) = ent.file_name().into_string() else {
-            continue;
-        };
-        if ignored(&name) {
-            continue;
-        }
-        // A file can vanish between listing and stat (consumed by another daemon).
-        let Ok(md) = std::fs::metadata(ent.path()) else {
-            continue;
-        };
-        if !md.is_file() {
+        let raw = ent.file_name();
+        let lossy = raw.to_string_lossy().into_owned();
+        if !is_task_file(&lossy) {
+            if !ignored(&lossy) {
+                tracing::debug!(file = %lossy, "not a task file (only *.jsonl are); left alone");
+            }
             continue;
         }
-        out.push(Entry {
+        let Some(name) = raw.to_str().map(String::from) else {
+            out.rejected.push(Rejected {
+                name: lossy,
+                why: "its name is not UTF-8; rename it",
+            });
+            continue;
+        };
+        // lstat: a symlink is never followed. A file can vanish between
+        // listing and stat (consumed by another daemon).
+        let Ok(md) = std::fs::symlink_metadata(ent.path()) else {
+            continue;
+        };
+        let ft = md.file_type();
+        if !ft.is_file() {
+            out.rejected.push(Rejected {
+                name,
+                why: if ft.is_symlink() {
+                    "a symlink, which is never followed; put the file itself in pending/"
+                } else if ft.is_dir() {
+                    "a folder; only files are read"
+                } else {
+                    "not a regular file (a FIFO, socket or device); only regular files are read"
+                },
+            });
+            continue;
+        }
+        out.files.push(Entry {
             name,
             ino: md.ino(),
             size: md.len(),
             mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         });
     }
-    out.sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.name.cmp(&b.name)));
+    out.files
+        .sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.name.cmp(&b.name)));
     Ok(out)
+}
+
+/// Opens a producer file for reading without following a symlink and
+/// without blocking (a FIFO swapped in after the scan would otherwise block
+/// `open` forever, under the claim lock), and only if it is a regular file.
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_jsonl_files_are_task_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        for n in [
+            "a.jsonl",
+            "README",
+            "notes.txt",
+            "x.jsonl~",
+            "x.jsonl.swp",
+            "data.json",
+            ".h.jsonl",
+            "t.jsonl.tmp",
+        ] {
+            std::fs::write(p.join(n), "{}\n").unwrap();
+        }
+        std::fs::create_dir(p.join("dir.jsonl")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", p.join("link.jsonl")).unwrap();
+        let fifo = std::ffi::CString::new(p.join("fifo.jsonl").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let s = scan_all(p).unwrap();
+        let files: Vec<&str> = s.files.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(files, ["a.jsonl"]);
+        let mut rejected: Vec<&str> = s.rejected.iter().map(|r| r.name.as_str()).collect();
+        rejected.sort();
+        assert_eq!(rejected, ["dir.jsonl", "fifo.jsonl", "link.jsonl"]);
+        // Opening the FIFO neither blocks nor succeeds; the symlink is refused.
+        assert!(open_regular(&p.join("fifo.jsonl")).is_err());
+        assert!(open_regular(&p.join("link.jsonl")).is_err());
+        assert!(open_regular(&p.join("a.jsonl")).is_ok());
+    }
 }
