@@ -90,6 +90,12 @@ pub fn submit(cfg: &Config, inputs: &[PathBuf], wait: bool) -> anyhow::Result<u8
             eprintln!("{e}");
         }
         bad += v.errors.len();
+        if v.tasks == 0 && v.errors.is_empty() {
+            // An empty file (or empty standard input) is a mistake upstream,
+            // not something to publish.
+            eprintln!("{shown}: no task lines (empty or only blank lines); nothing to publish");
+            bad += 1;
+        }
         let stem = if is_stdin {
             "stdin".to_string()
         } else {
@@ -117,7 +123,9 @@ pub fn submit(cfg: &Config, inputs: &[PathBuf], wait: bool) -> anyhow::Result<u8
     }
     if bad > 0 {
         cleanup(&staged);
-        eprintln!("ttspool: {bad} invalid line(s); nothing was submitted");
+        eprintln!(
+            "ttspool: {bad} problem(s) (invalid lines or empty inputs); nothing was submitted"
+        );
         return Ok(1);
     }
     let mut total = 0;

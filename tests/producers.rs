@@ -96,3 +96,35 @@ fn a_name_too_long_for_a_file_is_an_invalid_task_at_once() {
     assert_eq!(failed[0]["error"]["kind"], "invalid_task");
     assert!(env.starts().is_empty(), "no engine run");
 }
+
+#[test]
+fn small_mistakes_get_clear_messages() {
+    let env = Env::new("");
+    // `submit -` with nothing on stdin publishes nothing.
+    let out = env
+        .cmd(&["submit", "-"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no task lines"), "{err}");
+    let published: Vec<_> = fs::read_dir(env.spool().join("pending"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(published.is_empty(), "{published:?}");
+    // A spool.dir that is a file.
+    let mut env = Env::new("");
+    fs::write(env.root().join("afile"), "").unwrap();
+    env.spool_extra = "dir = \"afile\"".into();
+    env.write_config();
+    let out = env.run(&["run", "--once"], 30);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is a file, not a folder") && !err.contains("os error"),
+        "{err}"
+    );
+}

@@ -76,6 +76,8 @@ pub enum ClaimError {
     LockLost(PathBuf),
     #[error("{0}")]
     LocksDoNotSpan(Box<ForeignDaemon>),
+    #[error("spool.dir {} is a file, not a folder; point spool.dir at a folder (it is made if missing)", .0.display())]
+    NotAFolder(PathBuf),
     #[error("the claim lock {} did not keep another daemon out (its owner token changed while we held it): locks on this spool do not work across hosts or mounts; stopping so that no line runs twice (see `ttspool check`)", .0.display())]
     LockBroken(PathBuf),
     #[error("cannot {action} {}: {}", .path.display(), crate::util::io_msg(.source))]
@@ -258,6 +260,9 @@ impl Claimer {
         settle: Duration,
         lease_ttl: Duration,
     ) -> Result<Claimer, ClaimError> {
+        if spool.root.exists() && !spool.root.is_dir() {
+            return Err(ClaimError::NotAFolder(spool.root.clone()));
+        }
         spool
             .create_dirs()
             .map_err(io_err("create spool folders in", &spool.root))?;
