@@ -8,6 +8,15 @@ use std::fs;
 
 use common::*;
 
+/// Names in `pending/` that are not task files.
+const NOT_TASK_FILES: [&str; 5] = [
+    "README",
+    "notes.txt",
+    "data.json",
+    "x.jsonl~",
+    "x.jsonl.swp",
+];
+
 #[test]
 fn only_regular_jsonl_files_are_read() {
     let env = Env::new("");
