@@ -22,13 +22,7 @@ fn only_regular_jsonl_files_are_read() {
     let env = Env::new("");
     let pending = env.spool().join("pending");
     // Not task files: left alone, no records.
-    for name in [
-        "README",
-        "notes.txt",
-        "data.json",
-        "x.jsonl~",
-        "x.jsonl.swp",
-    ] {
+    for name in NOT_TASK_FILES {
         fs::write(pending.join(name), task_line(name, "x")).unwrap();
     }
     // A symlink to a private file: never followed, its content never copied.
@@ -62,13 +56,7 @@ fn only_regular_jsonl_files_are_read() {
     let done = env.done();
     assert_eq!(done.len(), 2, "{done:#?} {:#?}", env.failed());
     assert!(env.out().join(format!("{long}.wav")).exists());
-    for name in [
-        "README",
-        "notes.txt",
-        "data.json",
-        "x.jsonl~",
-        "x.jsonl.swp",
-    ] {
+    for name in NOT_TASK_FILES {
         assert!(pending.join(name).exists(), "{name} was touched");
     }
     // Nothing of the private file anywhere ttspool writes.
