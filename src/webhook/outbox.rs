@@ -359,4 +359,27 @@ mod tests {
         assert_eq!(a.segments().unwrap().len(), 1);
         assert_eq!(depth(&spool), 1);
     }
+
+    #[test]
+    fn a_daemon_whose_folder_was_adopted_writes_into_a_new_one() {
+        // Paused past its lease, it was judged dead and its folder adopted.
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let log = RecordLog::new(&spool);
+        let paused = Outbox::open(&spool, "paused").unwrap();
+        paused.write(&[msg("", 0)], None).unwrap();
+        let other = Outbox::open(&spool, "other").unwrap();
+        assert_eq!(other.adopt("paused", &log).unwrap(), 1);
+        // It wakes and writes: no "cannot write records", a fresh folder.
+        paused.write(&[msg("", 0)], None).unwrap();
+        assert_eq!(paused.segments().unwrap().len(), 1);
+        assert_eq!(other.segments().unwrap().len(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(Outbox::root(&spool).join("paused"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
 }
