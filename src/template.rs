@@ -134,14 +134,6 @@ impl Template {
         self.pieces.contains(&Piece::Var(var))
     }
 
-    /// The placeholder this template consists of, if it is nothing else.
-    pub fn only_var(&self) -> Option<Var> {
-        match self.pieces.as_slice() {
-            [Piece::Var(v)] => Some(*v),
-            _ => None,
-        }
-    }
-
     /// True when the rendered value can start with task text (so a value
     /// like `-f/etc/shadow` would be read as an option).
     pub fn starts_with_task_text(&self) -> bool {
@@ -233,7 +225,6 @@ mod tests {
         assert!(option_injection_points(&glued).is_empty());
         let id = argv(&["tts", "{id}", "{output}"]);
         assert_eq!(option_injection_points(&id), vec![1]);
-        assert_eq!(bad[3].only_var(), Some(Var::InputText));
     }
 
     proptest! {

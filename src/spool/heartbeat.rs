@@ -182,11 +182,6 @@ impl Heartbeat {
             None
         }
     }
-
-    /// The last beat's error, while beats fail.
-    pub fn error(&self) -> Option<String> {
-        self.state.error.lock().expect("heartbeat error").clone()
-    }
 }
 
 /// What we last saw of another daemon's beat counter, and when it changed.
@@ -218,11 +213,6 @@ impl Liveness {
             s.changed = now;
         }
         now.duration_since(s.changed) >= lease
-    }
-
-    /// Forgets daemons not named in `keep`.
-    pub fn retain(&mut self, keep: &std::collections::HashSet<String>) {
-        self.seen.retain(|k, _| keep.contains(k));
     }
 }
 
