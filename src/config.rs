@@ -111,9 +111,13 @@ pub struct SpoolConfig {
     /// Full rescan period; runs with notify too, because events get lost.
     #[serde(default = "default_poll_interval")]
     pub poll_interval: Dur,
-    /// How long a final line without `\n` (and a consumed file) must stay unchanged.
+    /// How long a final line without `\n` must stay unchanged to be taken.
     #[serde(default = "default_settle")]
     pub settle: Dur,
+    /// How long a fully recorded file must stay unchanged before it is
+    /// moved to `pending/.consumed/` (where it is still followed for growth).
+    #[serde(default = "default_consume_after")]
+    pub consume_after: Dur,
     /// This daemon's unique name among those sharing the spool; default: host name.
     #[serde(default)]
     pub instance: String,
@@ -417,6 +421,9 @@ fn default_poll_interval() -> Dur {
 }
 fn default_settle() -> Dur {
     Dur(Duration::from_secs(2))
+}
+fn default_consume_after() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 fn default_lease() -> Dur {
     Dur(Duration::from_secs(60))

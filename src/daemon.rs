@@ -225,6 +225,7 @@ pub async fn run(
         cfg.spool.settle.0,
         cfg.spool.lease.0,
     )?;
+    claimer.set_consume(cfg.spool.consume_after.0, cfg.spool.poll_interval.0);
     // We hold the instance lock: whatever our previous run left is orphaned.
     let orphans = crate::process::kill_orphans(&cfg.spool.dir, &cfg.spool.instance);
     if orphans > 0 {
@@ -917,6 +918,7 @@ impl Daemon {
             lease: c.lease,
             token: c.token,
             file: c.file,
+            file_escaped: c.file_escaped,
             file_id: c.file_id,
             line: c.no,
         };
@@ -1017,6 +1019,7 @@ impl Daemon {
             source: Source {
                 file: c.file.clone(),
                 line: c.line,
+                file_escaped: c.file_escaped.clone(),
             },
             trace_id,
             instance: self.instance.clone(),
@@ -1061,6 +1064,7 @@ impl Daemon {
         keep!(spool.watch, "spool.watch");
         keep!(spool.poll_interval, "spool.poll_interval");
         keep!(spool.settle, "spool.settle");
+        keep!(spool.consume_after, "spool.consume_after");
         keep!(spool.lease, "spool.lease");
         keep!(output.dir, "output.dir");
         keep!(engine.kind, "engine.kind");

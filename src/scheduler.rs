@@ -17,6 +17,7 @@ pub struct ClaimRef {
     pub lease: PathBuf,
     pub token: String,
     pub file: String,
+    pub file_escaped: Option<String>,
     pub file_id: String,
     pub line: u64,
 }
@@ -217,6 +218,7 @@ mod tests {
                 lease: PathBuf::new(),
                 token: String::new(),
                 file: file.into(),
+                file_escaped: None,
                 file_id: String::new(),
                 line: 1,
             },

@@ -2,13 +2,19 @@
 //! real `Claimer` on one real spool folder plus the daemon's lease
 //! bookkeeping (`LeaseBook`), driven through random interleavings of claim,
 //! start, finish (commit), pause (no beats, no progress), resume, crash,
-//! restart, takeover, and producers appending. Any daemon may be judged dead
-//! at any moment (`spool.lease` is zero here), which is exactly the case
-//! fencing must survive.
+//! restart, takeover, and producers doing what producers do: appending
+//! through a descriptor they keep open (also after the file was consumed and
+//! moved away), renaming the file inside `pending/`, rewriting it in place,
+//! deleting it and publishing another under the same name, and closing it to
+//! start a new one. Any daemon may be judged dead at any moment
+//! (`spool.lease` is zero here), which is exactly the case fencing must
+//! survive.
 //!
-//! After every step: no lease vanishes while a line it covers has no record,
-//! only its owner (or a daemon taking it over) removes it, and no line has
-//! two records. At the end, with every daemon resumed: every complete line
+//! Every line a producer writes carries a unique `output_name`, and records
+//! are counted by it. After every step: no lease vanishes while a line it
+//! covers has no record, only its owner (or a daemon taking it over)
+//! removes it, and no line has two records. At the end, with every daemon
+//! resumed: every complete line of every file (in `pending/` or consumed)
 //! has exactly one record.
 //!
 //! `the_model_finds_the_old_lost_record_bug` runs the same model with the
@@ -16,7 +22,7 @@
 //! its line, and a settled lease was unlinked without a token check) and
 //! requires the model to find a counterexample.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +33,7 @@ use ttspool::spool::claim::{
     read_lease, still_ours, Claimed, Claimer, CommitOutcome, LeaseDoc, LeaseOwner,
 };
 use ttspool::spool::lease::{LeaseBook, Settled};
+use ttspool::spool::lines::Line;
 use ttspool::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
 use ttspool::spool::Spool;
 
@@ -44,7 +51,16 @@ enum Op {
     Resume(usize),
     Crash(usize),
     Restart(usize),
+    /// Producer `f` appends `n` lines (and blank ones) through its open file.
     Append(usize, usize, bool),
+    /// Producer `f` renames its file within `pending/`.
+    Rename(usize),
+    /// Producer `f` truncates its file and writes `n` new lines (same inode).
+    Rewrite(usize, usize),
+    /// Producer `f` deletes its file and publishes `n` lines under the name.
+    Republish(usize, usize),
+    /// Producer `f` closes its file; its next lines go to a new one.
+    Close(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,7 +75,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => d.clone().prop_map(Op::Resume),
         1 => d.clone().prop_map(Op::Crash),
         1 => d.clone().prop_map(Op::Restart),
-        2 => (0..FILES, 1usize..4, any::<bool>()).prop_map(|(f, n, b)| Op::Append(f, n, b)),
+        3 => (0..FILES, 1usize..4, any::<bool>()).prop_map(|(f, n, b)| Op::Append(f, n, b)),
+        1 => (0..FILES).prop_map(Op::Rename),
+        1 => (0..FILES, 1usize..5).prop_map(|(f, n)| Op::Rewrite(f, n)),
+        1 => (0..FILES, 1usize..4).prop_map(|(f, n)| Op::Republish(f, n)),
+        1 => (0..FILES).prop_map(Op::Close),
     ]
 }
 
@@ -87,15 +107,22 @@ struct Daemon {
     paused: bool,
 }
 
+/// A producer: the file it keeps open, and the name it gave it last.
+struct Producer {
+    file: Option<std::fs::File>,
+    name: String,
+}
+
 struct World {
     mode: Mode,
     spool: Spool,
     log: RecordLog,
     daemons: Vec<Daemon>,
-    /// Per file slot: its current name and how many names it has had.
-    names: Vec<(String, usize)>,
-    /// Non-blank lines appended, per file name.
-    expected: BTreeMap<String, u64>,
+    producers: Vec<Producer>,
+    /// Names given so far (each file name is new).
+    named: usize,
+    /// Lines written so far (each line's `output_name` is new).
+    written: usize,
 }
 
 fn open_claimer(spool: &Spool, name: &str) -> Claimer {
@@ -125,9 +152,61 @@ impl World {
             log: RecordLog::new(&spool),
             spool,
             daemons,
-            names: (0..FILES).map(|f| (format!("f{f}_0.jsonl"), 0)).collect(),
-            expected: BTreeMap::new(),
+            producers: (0..FILES)
+                .map(|_| Producer {
+                    file: None,
+                    name: String::new(),
+                })
+                .collect(),
+            named: 0,
+            written: 0,
         }
+    }
+
+    fn new_name(&mut self, f: usize) -> String {
+        self.named += 1;
+        format!("f{f}_{}.jsonl", self.named)
+    }
+
+    /// `n` task lines with new output names, each followed by a blank line
+    /// if `blank`.
+    fn lines_text(&mut self, n: usize, blank: bool) -> String {
+        let mut text = String::new();
+        for _ in 0..n {
+            self.written += 1;
+            text.push_str(&format!(
+                "{{\"input_text\":\"x\",\"output_name\":\"u{}\"}}\n",
+                self.written
+            ));
+            if blank {
+                text.push('\n');
+            }
+        }
+        text
+    }
+
+    /// True if producer `f`'s file is in `pending/` under its name.
+    fn in_pending(&self, f: usize) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let p = &self.producers[f];
+        let Some(file) = &p.file else { return false };
+        let Ok(md) = std::fs::metadata(self.spool.pending().join(&p.name)) else {
+            return false;
+        };
+        md.ino() == file.metadata().unwrap().ino()
+    }
+
+    fn publish(&mut self, f: usize, name: String, text: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.spool.pending().join(&name))
+            .unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        self.producers[f] = Producer {
+            file: Some(file),
+            name,
+        };
     }
 
     fn hold(&mut self, i: usize, lease: PathBuf, token: String, lines: Vec<u64>) {
@@ -137,18 +216,28 @@ impl World {
     }
 
     /// The committer: under the records lock, a record is written only if
-    /// its lease still carries the token it was claimed with.
+    /// its lease still carries the token it was claimed with. The record's
+    /// id is the line's `output_name`.
     fn commit(&self, i: usize, c: &Claimed) -> CommitOutcome {
         let _g = self.log.lock().unwrap();
         if !still_ours(&c.lease, &c.token) {
             return CommitOutcome::Fenced;
         }
+        let id = match &c.line {
+            Ok(Line::Text { bytes, .. }) => {
+                let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+                v["output_name"].as_str().unwrap().to_string()
+            }
+            // Taken over after its file was replaced: no text to name it by.
+            _ => format!("gone:{}:{}", c.file_id, c.no),
+        };
         let rec = Record::Failed {
             common: Common {
-                id: format!("{}:{}", c.file, c.no),
+                id,
                 source: Source {
                     file: c.file.clone(),
                     line: c.no,
+                    file_escaped: None,
                 },
                 trace_id: ulid::Ulid::new().to_string(),
                 instance: self.daemons[i].name.clone(),
@@ -245,32 +334,35 @@ impl World {
                 self.daemons[i].claimer = Some(c);
             }
             Op::Append(f, n, blank) => {
-                let pending = self.spool.pending();
-                if !pending.join(&self.names[f].0).exists()
-                    && self.expected.contains_key(&self.names[f].0)
-                {
-                    // Consumed: a producer publishes under a new name.
-                    self.names[f].1 += 1;
-                    self.names[f].0 = format!("f{f}_{}.jsonl", self.names[f].1);
-                }
-                let name = self.names[f].0.clone();
-                let mut file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(pending.join(&name))
-                    .unwrap();
-                let mut text = String::new();
-                for k in 0..n {
-                    text.push_str(&format!(
-                        "{{\"input_text\":\"x\",\"output_name\":\"{name}{k}\"}}\n"
-                    ));
-                    if blank {
-                        text.push('\n');
+                let text = self.lines_text(n, blank);
+                match &mut self.producers[f].file {
+                    // Wherever the file is now: in pending/, or consumed.
+                    Some(file) => file.write_all(text.as_bytes()).unwrap(),
+                    None => {
+                        let name = self.new_name(f);
+                        self.publish(f, name, &text);
                     }
                 }
-                file.write_all(text.as_bytes()).unwrap();
-                *self.expected.entry(name).or_default() += n as u64;
             }
+            Op::Rename(f) if self.in_pending(f) => {
+                let to = self.new_name(f);
+                let pending = self.spool.pending();
+                std::fs::rename(pending.join(&self.producers[f].name), pending.join(&to)).unwrap();
+                self.producers[f].name = to;
+            }
+            Op::Rewrite(f, n) if self.in_pending(f) => {
+                let text = self.lines_text(n, false);
+                let file = self.producers[f].file.as_mut().unwrap();
+                file.set_len(0).unwrap();
+                file.write_all(text.as_bytes()).unwrap();
+            }
+            Op::Republish(f, n) if self.in_pending(f) => {
+                let name = self.producers[f].name.clone();
+                std::fs::remove_file(self.spool.pending().join(&name)).unwrap();
+                let text = self.lines_text(n, false);
+                self.publish(f, name, &text);
+            }
+            Op::Close(f) => self.producers[f].file = None,
             _ => {}
         }
     }
@@ -296,29 +388,33 @@ impl World {
         out
     }
 
-    /// Records per (file, line).
-    fn records(&self) -> HashMap<(String, u64), usize> {
-        let mut out = HashMap::new();
+    /// Records per line id (`output_name`), and per (file_id, line).
+    fn records(&self) -> (HashMap<String, usize>, HashSet<(String, u64)>) {
+        let mut ids = HashMap::new();
+        let mut lines = HashSet::new();
         self.log
             .read_all(|r, _, _| {
-                *out.entry((r.source.file.clone(), r.source.line))
-                    .or_default() += 1
+                *ids.entry(r.id.clone()).or_default() += 1;
+                lines.insert((r.file_id.clone(), r.source.line));
             })
             .unwrap();
-        out
+        (ids, lines)
     }
 
-    /// Line numbers of the non-blank lines of each file name.
-    fn lines(&self) -> HashSet<(String, u64)> {
+    /// The ids of the complete lines of every file there is now, in
+    /// `pending/` or consumed.
+    fn lines(&self) -> HashSet<String> {
         let mut out = HashSet::new();
-        for name in self.expected.keys() {
-            let p = self.spool.pending().join(name);
-            let text = std::fs::read_to_string(&p)
-                .or_else(|_| std::fs::read_to_string(self.spool.consumed().join(name)))
-                .unwrap();
-            for (i, l) in text.split('\n').enumerate() {
-                if !l.trim().is_empty() {
-                    out.insert((name.clone(), i as u64 + 1));
+        for dir in [self.spool.pending(), self.spool.consumed()] {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                if !e.file_type().unwrap().is_file() {
+                    continue;
+                }
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                let complete = text.rsplit_once('\n').map_or("", |(a, _)| a);
+                for l in complete.split('\n').filter(|l| !l.trim().is_empty()) {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    out.insert(v["output_name"].as_str().unwrap().to_string());
                 }
             }
         }
@@ -331,7 +427,7 @@ impl World {
         before: &HashMap<PathBuf, LeaseDoc>,
     ) -> Result<(), TestCaseError> {
         let after = self.leases();
-        let records = self.records();
+        let (records, recorded) = self.records();
         if let Some((k, n)) = records.iter().find(|(_, &n)| n > 1) {
             return Err(TestCaseError::fail(format!(
                 "line {k:?} has {n} records after {op:?}"
@@ -345,7 +441,7 @@ impl World {
                 .lines
                 .iter()
                 .copied()
-                .filter(|&l| !records.contains_key(&(doc.file.clone(), l)))
+                .filter(|&l| !recorded.contains(&(doc.file_id(), l)))
                 .collect();
             if !unrecorded.is_empty() {
                 return Err(TestCaseError::fail(format!(
@@ -403,7 +499,7 @@ impl World {
                 break;
             }
         }
-        let records = self.records();
+        let (records, _) = self.records();
         let lines = self.lines();
         let missing: Vec<_> = lines.iter().filter(|k| !records.contains_key(*k)).collect();
         if !missing.is_empty() {

@@ -50,17 +50,22 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::heartbeat::{BeatError, Beater, Heartbeat, Liveness};
+use super::ident::{self, Ident, Probe};
 use super::lines::{Line, LineReader, Next};
 use super::locks::{self, LockScope, Where};
-use super::records::{Pos, RecordLog};
+use super::records::RecordLog;
 use super::scan::{scan, scan_all, Entry};
+use super::sidecar::{
+    lease_name, lease_start, list_leases, read_cursor, write_cursor, write_ident,
+};
+pub use super::sidecar::{read_lease, Cursor, LeaseDoc};
 use super::Spool;
 use crate::util::{atomic_write, create_exclusive, fsync_dir};
 
@@ -107,65 +112,14 @@ impl ClaimError {
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ClaimError + 'a {
+pub(super) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> ClaimError + 'a {
     move |source| ClaimError::Io {
         action,
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// Where the next unclaimed line of a producer file starts.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Cursor {
-    /// Bumped when the file shrinks: it is then a new file under the same inode.
-    pub gen: u64,
-    pub offset: u64,
-    /// Lines before `offset`.
-    pub line: u64,
-    /// Where the record logs ended when the file was first claimed from:
-    /// its records come after, which bounds counting them.
-    #[serde(default)]
-    pub since: Option<Pos>,
-}
-
-/// A claimed range of lines, as stored in its lease file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LeaseDoc {
-    pub instance: String,
-    pub token: String,
-    pub pid: u32,
-    pub file: String,
-    pub key: String,
-    pub gen: u64,
-    pub start_off: u64,
-    pub start_line: u64,
-    pub end_off: u64,
-    pub end_line: u64,
-    /// Lines in the range that need a record (blank lines do not).
-    pub lines: Vec<u64>,
-    /// Where the record logs ended when claimed: its records come later.
-    #[serde(default)]
-    pub pos: Pos,
-    /// Handed back by a daemon that stopped: anyone may take it at once.
-    #[serde(default)]
-    pub released: bool,
-}
-
-impl Cursor {
-    /// This cursor moved to `offset`, after `line` lines.
-    fn at(&self, offset: u64, line: u64) -> Cursor {
-        Cursor {
-            offset,
-            line,
-            ..*self
-        }
-    }
-}
-
-impl LeaseDoc {
-    pub fn file_id(&self) -> String {
-        format!("{}#{}", self.key, self.gen)
     }
 }
 
@@ -181,7 +135,10 @@ pub struct Held {
 pub struct Claimed {
     pub lease: PathBuf,
     pub token: String,
+    /// The file's name when the line was claimed (lossy if not UTF-8).
     pub file: String,
+    /// The name's bytes, escaped, when it is not UTF-8.
+    pub file_escaped: Option<String>,
     pub file_id: String,
     pub no: u64,
     /// The line, or why it could no longer be read (taken over from a file
@@ -197,6 +154,8 @@ pub struct Batch {
     pub waiting: bool,
     /// Files moved to `pending/.consumed/`.
     pub consumed: Vec<String>,
+    /// Consumed files that grew, moved back into `pending/`.
+    pub returned: usize,
     /// Why some file could not be claimed from (also logged).
     pub errors: Vec<String>,
     /// Claiming stopped because the disk is full (a lease or cursor could
@@ -204,7 +163,8 @@ pub struct Batch {
     pub disk_full: Option<String>,
 }
 
-struct Seen {
+/// When a file last changed, as this daemon saw it.
+pub(super) struct Seen {
     size: u64,
     mtime: SystemTime,
     since: Instant,
@@ -224,16 +184,38 @@ pub struct FileDone {
 /// error keeps the file where it is, to be tried again.
 pub type OnConsume = Box<dyn FnMut(&FileDone) -> io::Result<()> + Send>;
 
+/// A file in `pending/`, matched with its sidecar (ident.rs), open.
+pub(super) struct Found {
+    pub entry: Entry,
+    pub key: String,
+    pub dir: PathBuf,
+    pub file: File,
+    pub size: u64,
+    pub cursor: Cursor,
+}
+
+/// Bytes of one file read per claim round, at most (past one line): a huge
+/// file does not hold up the others.
+const ROUND_BYTES: u64 = 8 << 20;
+
 pub struct Claimer {
-    on_consume: Option<OnConsume>,
-    spool: Spool,
-    log: RecordLog,
+    pub(super) on_consume: Option<OnConsume>,
+    pub(super) spool: Spool,
+    pub(super) log: RecordLog,
     instance: String,
-    max_line_bytes: usize,
+    pub(super) max_line_bytes: usize,
     settle: Duration,
+    /// A fully recorded file leaves `pending/` after this long unchanged.
+    pub(super) consume_after: Duration,
+    /// How often consumed files are looked at for growth, at least.
+    pub(super) follow_every: Duration,
+    pub(super) next_follow: Option<Instant>,
+    pub(super) follow_due: HashMap<String, Instant>,
     lease_ttl: Duration,
+    /// Which mount we see the spool through (ident.rs).
+    pub(super) mount: String,
     rr: usize,
-    seen: HashMap<String, Seen>,
+    pub(super) seen: HashMap<String, Seen>,
     /// Our beats, until [`Claimer::start_heartbeat`] moves them to a thread.
     beater: Option<Beater>,
     liveness: Liveness,
@@ -241,7 +223,7 @@ pub struct Claimer {
     /// lease here after deleting its file.
     held: HeldSet,
     /// Files already reported as fully claimed but not fully recorded.
-    unrecorded_warned: HashSet<String>,
+    pub(super) unrecorded_warned: HashSet<String>,
     /// Entries of `pending/` already reported as not read (symlinks, FIFOs...).
     rejected_warned: HashSet<String>,
     _instance_lock: File,
@@ -297,6 +279,7 @@ impl Claimer {
             .write(true)
             .open(&alive_path)
             .map_err(io_err("open", &alive_path))?;
+        let here = Where::here(&spool.root, None).map_err(io_err("stat", &spool.root))?;
         let mut c = Claimer {
             on_consume: None,
             log: RecordLog::new(spool),
@@ -304,7 +287,12 @@ impl Claimer {
             instance: instance.into(),
             max_line_bytes,
             settle,
+            consume_after: settle,
+            follow_every: Duration::ZERO,
+            next_follow: None,
+            follow_due: HashMap::new(),
             lease_ttl,
+            mount: ident::mount_tag(&here.boot_id, here.dev),
             rr: 0,
             seen: HashMap::new(),
             beater: Some(
@@ -405,6 +393,14 @@ impl Claimer {
         Ok(())
     }
 
+    /// A fully recorded file leaves `pending/` once unchanged this long
+    /// (`spool.consume_after`); consumed files are looked at for growth at
+    /// most every `follow_every` (the poll interval).
+    pub fn set_consume(&mut self, consume_after: Duration, follow_every: Duration) {
+        self.consume_after = consume_after;
+        self.follow_every = follow_every;
+    }
+
     /// Sets what happens when a file is fully recorded (the webhook).
     pub fn on_consume(&mut self, f: OnConsume) {
         self.on_consume = Some(f);
@@ -460,7 +456,8 @@ impl Claimer {
     }
 
     /// Claims up to `want` lines, spread round-robin over the pending files
-    /// (oldest first within a file), and moves fully consumed files away.
+    /// (oldest first within a file), moves fully consumed files away, and
+    /// brings back consumed files that grew.
     pub fn claim(&mut self, want: usize) -> Result<Batch, ClaimError> {
         let pending = self.spool.pending();
         let found = scan_all(&pending).map_err(io_err("list", &pending))?;
@@ -471,12 +468,34 @@ impl Claimer {
                 tracing::warn!(file = %r.name, "not read: {}", r.why);
             }
         }
-        let entries = found.files;
+        let mut batch = Batch::default();
+        if found.files.is_empty() && !self.follow_is_due() {
+            self.seen.clear();
+            return Ok(batch);
+        }
+        let lock = self.lock_claims()?;
+        let res = self.claim_locked(found.files, want, &mut batch);
+        lock.release()?;
+        match res {
+            Err(err) if err.is_disk_full() => batch.disk_full = Some(err.to_string()),
+            other => other?,
+        }
+        Ok(batch)
+    }
+
+    fn claim_locked(
+        &mut self,
+        entries: Vec<Entry>,
+        want: usize,
+        batch: &mut Batch,
+    ) -> Result<(), ClaimError> {
+        let files = self.identify(entries, &mut batch.errors)?;
         let now = Instant::now();
-        let keys: HashSet<String> = entries.iter().map(Entry::key).collect();
-        self.seen.retain(|k, _| keys.contains(k));
-        for e in &entries {
-            let s = self.seen.entry(e.key()).or_insert(Seen {
+        let keys: HashSet<&str> = files.iter().map(|f| f.key.as_str()).collect();
+        self.seen.retain(|k, _| keys.contains(k.as_str()));
+        for f in &files {
+            let e = &f.entry;
+            let s = self.seen.entry(f.key.clone()).or_insert(Seen {
                 size: e.size,
                 mtime: e.mtime,
                 since: now,
@@ -489,95 +508,174 @@ impl Claimer {
                 };
             }
         }
-        let mut batch = Batch::default();
-        if entries.is_empty() {
-            return Ok(batch);
-        }
-        let lock = self.lock_claims()?;
-        let n = entries.len();
-        let start = self.rr % n;
+        let n = files.len();
+        let start = if n > 0 { self.rr % n } else { 0 };
         self.rr = self.rr.wrapping_add(1);
         let mut remaining = want;
         for i in 0..n {
-            let e = &entries[(start + i) % n];
+            let f = &files[(start + i) % n];
             let quota = remaining.div_ceil(n - i).max(1).min(remaining);
-            match self.claim_file(e, quota, &mut batch) {
+            match self.claim_file(f, quota, batch) {
                 Ok(got) => remaining -= got,
-                Err(err) if err.is_disk_full() => {
-                    // Every other file would fail the same way: stop, and
-                    // let the daemon pause claims until space returns.
-                    batch.disk_full = Some(err.to_string());
-                    break;
-                }
+                // Every other file would fail the same way: stop, and let
+                // the daemon pause claims until space returns.
+                Err(err) if err.is_disk_full() => return Err(err),
                 Err(err) => {
-                    tracing::error!(file = %e.name, "{err}");
-                    batch.errors.push(format!("{}: {err}", e.name));
+                    tracing::error!(file = %f.entry.shown(), "{err}");
+                    batch.errors.push(format!("{}: {err}", f.entry.shown()));
                 }
             }
         }
-        lock.release()?;
-        Ok(batch)
+        self.follow(batch)
     }
 
-    fn settled(&self, key: &str) -> bool {
+    /// Matches the files found in `pending/` with their sidecars (see
+    /// ident.rs), making sidecars for new files and noting renames. A file
+    /// rewritten in place (it shrank, or the bytes it was claimed by
+    /// changed) starts a new generation here. Call under the claim lock.
+    pub(super) fn identify(
+        &mut self,
+        entries: Vec<Entry>,
+        errors: &mut Vec<String>,
+    ) -> Result<Vec<Found>, ClaimError> {
+        let pending = self.spool.pending();
+        let mut opened = Vec::new();
+        for e in entries {
+            let path = pending.join(&e.name);
+            let probe = super::scan::open_regular(&path)
+                .and_then(|f| Probe::read(&e.name, &f).map(|p| (f, p)));
+            match probe {
+                // Replaced since the scan: the next scan sees the new one.
+                Ok((_, p)) if p.ino != e.ino => {}
+                Ok((f, p)) => opened.push((e, f, p)),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    let err = io_err("open", &path)(err);
+                    tracing::error!("{err}");
+                    errors.push(err.to_string());
+                }
+            }
+        }
+        let known = self.idents()?;
+        let probes: Vec<Probe> = opened.iter().map(|(_, _, p)| p.clone()).collect();
+        let keys = ident::assign(&probes, &known, &self.mount);
+        let files_dir = self.spool.files();
+        let mut out = Vec::new();
+        for ((entry, file, probe), key) in opened.into_iter().zip(keys) {
+            let (key, old) = match key {
+                Some(k) => {
+                    let old = known[&k].clone();
+                    (k, Some(old))
+                }
+                None => (ident::new_key(&probe.name), None),
+            };
+            let dir = files_dir.join(&key);
+            let cursor_path = dir.join("cursor");
+            let mut cursor = match &old {
+                Some(_) => read_cursor(&cursor_path)?,
+                None => {
+                    fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+                    Cursor::default()
+                }
+            };
+            let mut next = match &old {
+                Some(o) if o.head_matches(&probe) => o.seen_as(&probe, &self.mount),
+                _ => probe.ident(&self.mount),
+            };
+            next.consumed = None; // found in pending/: a move that did not happen
+            let rewritten = match &old {
+                None => false,
+                Some(o) => {
+                    !o.head_matches(&probe)
+                        || probe.size < cursor.offset
+                        || match &cursor.tail {
+                            Some(t) => {
+                                ident::tail_at(&file, cursor.offset)
+                                    .map_err(io_err("read", &pending.join(&entry.name)))?
+                                    != *t
+                            }
+                            None => false,
+                        }
+                }
+            };
+            if rewritten {
+                tracing::warn!(
+                    file = %entry.shown(),
+                    "the file was rewritten (it shrank, or lines already claimed changed): reading it again from its start as a new file"
+                );
+                cursor = cursor.rewritten();
+                write_cursor(&cursor_path, &cursor)?;
+            }
+            if let Some(o) = &old {
+                if o.name != next.name || o.name_bytes != next.name_bytes {
+                    tracing::info!(from = %o.name, to = %next.name, "a producer file was renamed; its claims and cursor go with it");
+                }
+            }
+            if old.as_ref() != Some(&next) {
+                write_ident(&dir, &next)?;
+            }
+            if cursor.since.is_none() {
+                cursor.since = Some(self.log.position());
+            }
+            out.push(Found {
+                size: probe.size,
+                entry,
+                key,
+                dir,
+                file,
+                cursor,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The idents of all sidecars in `.ttspool/files/`.
+    fn idents(&self) -> Result<BTreeMap<String, Ident>, ClaimError> {
+        let files = self.spool.files();
+        let mut out = BTreeMap::new();
+        for dent in fs::read_dir(&files).map_err(io_err("list", &files))? {
+            let dent = dent.map_err(io_err("list", &files))?;
+            let key = dent.file_name().to_string_lossy().into_owned();
+            if let Some(id) = ident::read(&dent.path()).or_else(|| ident::legacy(&key, &self.mount))
+            {
+                out.insert(key, id);
+            }
+        }
+        Ok(out)
+    }
+
+    fn settled(&self, key: &str, after: Duration) -> bool {
         self.seen
             .get(key)
-            .is_some_and(|s| s.since.elapsed() >= self.settle)
+            .is_some_and(|s| s.since.elapsed() >= after)
     }
 
     /// Claims up to `quota` lines of one file; returns how many.
     fn claim_file(
         &mut self,
-        e: &Entry,
+        f: &Found,
         quota: usize,
         batch: &mut Batch,
     ) -> Result<usize, ClaimError> {
-        let path = self.spool.pending().join(&e.name);
-        let file = match super::scan::open_regular(&path) {
-            Ok(f) => f,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(err) => return Err(io_err("open", &path)(err)),
-        };
-        let md = file.metadata().map_err(io_err("stat", &path))?;
-        if md.ino() != e.ino {
-            return Ok(0); // replaced since the scan; the next scan sees the new one
-        }
-        let key = e.key();
-        let dir = self.spool.files().join(&key);
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let cursor_path = dir.join("cursor");
-        let mut cur = read_cursor(&cursor_path)?;
-        if cur.since.is_none() {
-            cur.since = Some(self.log.position());
-        }
-        let size = md.len();
-        if size < cur.offset {
-            tracing::warn!(file = %e.name, "file shrank below what was claimed; reading it again as a new file");
-            cur = Cursor {
-                gen: cur.gen + 1,
-                offset: 0,
-                line: 0,
-                since: cur.since,
-            };
-            write_cursor(&cursor_path, &cur)?;
-        }
-        let settled = self.settled(&key);
-        if size == cur.offset {
-            if settled {
-                self.consume(e, &dir, &path, batch)?;
-            } else {
-                batch.waiting = true; // to be moved away once settled
+        let path = self.spool.pending().join(&f.entry.name);
+        let cursor_path = f.dir.join("cursor");
+        let cur = &f.cursor;
+        let settled = self.settled(&f.key, self.settle);
+        if f.size == cur.offset {
+            if self.settled(&f.key, self.consume_after) {
+                self.consume(f, batch)?;
             }
             return Ok(0);
         }
         if quota == 0 {
             return Ok(0);
         }
+        let file = f.file.try_clone().map_err(io_err("read", &path))?;
         let mut reader = LineReader::open(file, cur.offset, cur.line, self.max_line_bytes)
             .map_err(io_err("read", &path))?;
         let mut lines = Vec::new();
         let mut wanted = 0;
-        while wanted < quota {
+        while wanted < quota && reader.position() - cur.offset < ROUND_BYTES {
             match reader.next(settled).map_err(io_err("read", &path))? {
                 Next::Line(l) => {
                     if !l.is_blank() {
@@ -596,28 +694,30 @@ impl Claimer {
             return Ok(0);
         };
         let (end_off, end_line) = (last.end(), last.no());
+        let tail = Some(ident::tail_at(&f.file, end_off).map_err(io_err("read", &path))?);
         lines.retain(|l| !l.is_blank());
         if lines.is_empty() {
-            write_cursor(&cursor_path, &cur.at(end_off, end_line))?;
+            write_cursor(&cursor_path, &cur.at(end_off, end_line, tail))?;
             return Ok(0);
         }
-        let pos = self.log.position();
+        let (file_name, file_escaped) = ident::shown(&f.entry.name);
         let doc = LeaseDoc {
             instance: self.instance.clone(),
             token: ulid::Ulid::new().to_string(),
             pid: std::process::id(),
-            file: e.name.clone(),
-            key: key.clone(),
+            file: file_name.clone(),
+            file_escaped: file_escaped.clone(),
+            key: f.key.clone(),
             gen: cur.gen,
             start_off: cur.offset,
             start_line: cur.line,
             end_off,
             end_line,
             lines: lines.iter().map(Line::no).collect(),
-            pos,
+            pos: self.log.position(),
             released: false,
         };
-        let lease_path = dir.join(format!("lease-{}-{:012}", cur.gen, cur.line + 1));
+        let lease_path = f.dir.join(lease_name(cur.gen, cur.line + 1));
         let body = serde_json::to_vec(&doc).expect("lease serializes");
         if !create_exclusive(&lease_path, &body).map_err(io_err("create", &lease_path))? {
             // A claim crashed between creating this lease and moving the
@@ -625,15 +725,14 @@ impl Claimer {
             match read_lease(&lease_path) {
                 Some(other) => {
                     tracing::warn!(lease = %lease_path.display(), "found a lease the cursor missed (crash while claiming); moving the cursor past it");
-                    write_cursor(
-                        &cursor_path,
-                        &Cursor {
-                            gen: other.gen,
-                            offset: other.end_off,
-                            line: other.end_line,
-                            since: cur.since,
-                        },
-                    )?;
+                    let moved = Cursor {
+                        gen: other.gen,
+                        offset: other.end_off,
+                        line: other.end_line,
+                        since: cur.since,
+                        tail: None,
+                    };
+                    write_cursor(&cursor_path, &moved)?;
                     return Ok(0);
                 }
                 None => {
@@ -641,8 +740,8 @@ impl Claimer {
                 }
             }
         }
-        fsync_dir(&dir).map_err(io_err("sync", &dir))?;
-        write_cursor(&cursor_path, &cur.at(end_off, end_line))?;
+        fsync_dir(&f.dir).map_err(io_err("sync", &f.dir))?;
+        write_cursor(&cursor_path, &cur.at(end_off, end_line, tail))?;
         self.held
             .lock()
             .expect("held set")
@@ -653,7 +752,8 @@ impl Claimer {
             batch.lines.push(Claimed {
                 lease: lease_path.clone(),
                 token: doc.token.clone(),
-                file: e.name.clone(),
+                file: file_name.clone(),
+                file_escaped: file_escaped.clone(),
                 file_id: file_id.clone(),
                 no: l.no(),
                 line: Ok(l),
@@ -666,128 +766,18 @@ impl Claimer {
         Ok(n)
     }
 
-    /// Moves a fully claimed, settled file whose leases are all gone (every
-    /// line recorded) to `pending/.consumed/`, and drops its sidecar folder.
-    fn consume(
-        &mut self,
-        e: &Entry,
-        dir: &Path,
-        path: &Path,
-        batch: &mut Batch,
-    ) -> Result<(), ClaimError> {
-        if has_leases(dir)? {
-            return Ok(());
-        }
-        // The last line of defence: a file leaves pending/ only when every
-        // line it holds has its record. If one has none, something lost it
-        // (a bug, or a log edited by hand): keep the file, and say so.
-        let missing = self.unrecorded(e, dir, path)?;
-        if !missing.is_empty() {
-            if self.unrecorded_warned.insert(e.key()) {
-                let shown: Vec<String> = missing.iter().take(10).map(u64::to_string).collect();
-                tracing::error!(
-                    file = %e.name,
-                    missing = missing.len(),
-                    "every line is claimed and no lease is left, but line(s) {} have no record; \
-                     the file stays in pending/ (run `ttspool status` and report this as a bug)",
-                    shown.join(", ")
-                );
-            }
-            return Ok(());
-        }
-        let consumed = self.spool.consumed();
-        let mut target = consumed.join(&e.name);
-        if target.exists() {
-            target = consumed.join(format!("{}.{}", e.name, ulid::Ulid::new()));
-        }
-        match fs::symlink_metadata(path) {
-            Ok(md) if md.ino() == e.ino => {}
-            _ => return Ok(()),
-        }
-        if let Some(mut hook) = self.on_consume.take() {
-            let res = self
-                .file_done(e, dir)
-                .and_then(|done| hook(&done).map_err(io_err("announce the end of", path)));
-            self.on_consume = Some(hook);
-            res?;
-        }
-        fs::rename(path, &target).map_err(io_err("move consumed file", path))?;
-        let _ = fsync_dir(&self.spool.pending());
-        let _ = fsync_dir(&consumed);
-        fs::remove_dir_all(dir).map_err(io_err("remove", dir))?;
-        self.seen.remove(&e.key());
-        batch.consumed.push(e.name.clone());
-        Ok(())
-    }
-
-    /// Line numbers of the file's current content (non-blank, complete)
-    /// that have no record under its current generation.
-    fn unrecorded(&self, e: &Entry, dir: &Path, path: &Path) -> Result<Vec<u64>, ClaimError> {
-        let cur = read_cursor(&dir.join("cursor"))?;
-        let file_id = format!("{}#{}", e.key(), cur.gen);
-        let mut recorded = HashSet::new();
-        self.log
-            .read_since(cur.since.unwrap_or_default(), |r, _, _| {
-                if r.file_id == file_id {
-                    recorded.insert(r.source.line);
-                }
-            })
-            .map_err(io_err("read", &self.log.done))?;
-        let file = super::scan::open_regular(path).map_err(io_err("open", path))?;
-        let mut reader =
-            LineReader::open(file, 0, 0, self.max_line_bytes).map_err(io_err("read", path))?;
-        let mut missing = Vec::new();
-        loop {
-            match reader.next(true).map_err(io_err("read", path))? {
-                Next::Line(l) if !l.is_blank() && !recorded.contains(&l.no()) => {
-                    missing.push(l.no())
-                }
-                Next::Line(_) => {}
-                Next::Partial | Next::Eof => break,
-            }
-        }
-        Ok(missing)
-    }
-
-    /// Counts the records of a file (all its generations).
-    fn file_done(&self, e: &Entry, dir: &Path) -> Result<FileDone, ClaimError> {
-        let key = e.key();
-        let cur = read_cursor(&dir.join("cursor"))?;
-        let prefix = format!("{key}#");
-        let mut done = FileDone {
-            file: e.name.clone(),
-            file_id: format!("{key}#{}", cur.gen),
-            completed: 0,
-            skipped: 0,
-            failed: 0,
-        };
-        self.log
-            .read_since(cur.since.unwrap_or_default(), |r, _, _| {
-                if r.file_id.starts_with(&prefix) {
-                    match r.status.as_str() {
-                        "completed" => done.completed += 1,
-                        "skipped" => done.skipped += 1,
-                        _ => done.failed += 1,
-                    }
-                }
-            })
-            .map_err(io_err("read", &self.log.done))?;
-        Ok(done)
-    }
-
     /// Takes over leases whose owner is gone (or that were handed back), and
     /// returns them with the lines that still need a record. Also writes our
     /// heartbeat and removes sidecar folders of files that are gone.
     pub fn take_over(&mut self) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
         self.heartbeat()?;
         let pending = self.spool.pending();
-        let present: HashSet<String> = scan(&pending)
-            .map_err(io_err("list", &pending))?
-            .iter()
-            .map(Entry::key)
-            .collect();
+        let entries = scan(&pending).map_err(io_err("list", &pending))?;
         let lock = self.lock_claims()?;
-        let res = self.take_over_locked(&present);
+        let res = self.identify(entries, &mut Vec::new()).and_then(|found| {
+            let present: HashSet<String> = found.into_iter().map(|f| f.key).collect();
+            self.take_over_locked(&present)
+        });
         lock.release()?;
         res
     }
@@ -808,7 +798,7 @@ impl Claimer {
             let leases = list_leases(&dir)?;
             if leases.is_empty() {
                 if !present.contains(&key) {
-                    let _ = fs::remove_dir_all(&dir);
+                    self.drop_sidecar(&key, &dir)?;
                 }
                 continue;
             }
@@ -873,7 +863,7 @@ impl Claimer {
         let cursor_path = dir.join("cursor");
         let cur = read_cursor(&cursor_path)?;
         if cur.gen == doc.gen && cur.offset < doc.end_off {
-            write_cursor(&cursor_path, &cur.at(doc.end_off, doc.end_line))?;
+            write_cursor(&cursor_path, &cur.at(doc.end_off, doc.end_line, None))?;
         }
         // Which lines already have a record? Read under the records lock, so
         // a record the old owner was writing is either seen here or refused
@@ -901,13 +891,14 @@ impl Claimer {
             self.held.lock().expect("held set").remove(lp);
             return Ok(None);
         }
-        let lines = self.reread(&doc, &todo);
+        let lines = self.reread(dir, &doc, &todo);
         let claimed = todo
             .iter()
             .map(|&no| Claimed {
                 lease: lp.to_path_buf(),
                 token: doc.token.clone(),
                 file: doc.file.clone(),
+                file_escaped: doc.file_escaped.clone(),
                 file_id: file_id.clone(),
                 no,
                 line: match &lines {
@@ -928,14 +919,32 @@ impl Claimer {
         )))
     }
 
-    /// Reads the lines `todo` of a lease's range again from the producer file.
-    fn reread(&self, doc: &LeaseDoc, todo: &[u64]) -> Result<BTreeMap<u64, Line>, String> {
-        let path = self.spool.pending().join(&doc.file);
+    /// Reads the lines `todo` of a lease's range again from the producer
+    /// file, wherever its sidecar says it is now (it may have been renamed).
+    fn reread(
+        &self,
+        dir: &Path,
+        doc: &LeaseDoc,
+        todo: &[u64],
+    ) -> Result<BTreeMap<u64, Line>, String> {
         let gone = || format!("{} was replaced or removed before its lines ran", doc.file);
+        let id = ident::read(dir).ok_or_else(gone)?;
+        let name = id.os_name();
+        let path = self.spool.pending().join(if name.is_empty() {
+            doc.file.as_ref()
+        } else {
+            name.as_os_str()
+        });
         let file = super::scan::open_regular(&path).map_err(|_| gone())?;
-        let md = file.metadata().map_err(|_| gone())?;
-        let ino_ok = doc.key.rsplit('.').next() == Some(&md.ino().to_string());
-        if !ino_ok || md.len() < doc.end_off {
+        let probe = Probe::read(&name, &file).map_err(|_| gone())?;
+        let same = ident::assign(
+            std::slice::from_ref(&probe),
+            &BTreeMap::from([(doc.key.clone(), id)]),
+            &self.mount,
+        )[0]
+        .is_some();
+        let cur = read_cursor(&dir.join("cursor")).map_err(|e| e.to_string())?;
+        if !same || cur.gen != doc.gen || probe.size < doc.end_off {
             return Err(gone());
         }
         let mut r = LineReader::open(file, doc.start_off, doc.start_line, self.max_line_bytes)
@@ -1128,61 +1137,12 @@ impl ClaimLock {
     }
 }
 
-pub fn read_lease(p: &Path) -> Option<LeaseDoc> {
-    serde_json::from_slice(&fs::read(p).ok()?).ok()
-}
-
-fn lease_start(p: &Path) -> Option<(u64, u64)> {
-    let name = p.file_name()?.to_str()?;
-    let mut it = name.strip_prefix("lease-")?.split('-');
-    let gen = it.next()?.parse().ok()?;
-    let line: u64 = it.next()?.parse().ok()?;
-    Some((gen, line.saturating_sub(1)))
-}
-
-fn list_leases(dir: &Path) -> Result<Vec<PathBuf>, ClaimError> {
-    let mut out = Vec::new();
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(io_err("list", dir)(e)),
-    };
-    for d in rd {
-        let d = d.map_err(io_err("list", dir))?;
-        if d.file_name().to_string_lossy().starts_with("lease-") {
-            out.push(d.path());
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn has_leases(dir: &Path) -> Result<bool, ClaimError> {
-    Ok(!list_leases(dir)?.is_empty())
-}
-
-fn read_cursor(p: &Path) -> Result<Cursor, ClaimError> {
-    match fs::read(p) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| ClaimError::Io {
-            action: "parse",
-            path: p.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Cursor::default()),
-        Err(e) => Err(io_err("read", p)(e)),
-    }
-}
-
-fn write_cursor(p: &Path, c: &Cursor) -> Result<(), ClaimError> {
-    atomic_write(p, &serde_json::to_vec(c).expect("cursor serializes")).map_err(io_err("write", p))
-}
-
 /// What `status` shows about the spool's unfinished lines.
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub pending_files: u64,
     /// Entries of `pending/` that are not read: symlinks, FIFOs, devices,
-    /// folders, names that are not UTF-8.
+    /// folders.
     pub rejected_files: u64,
     pub pending_lines: u64,
     pub in_flight: u64,
@@ -1193,6 +1153,7 @@ pub struct Summary {
 }
 
 /// Counts unclaimed lines (streaming) and claimed-but-unrecorded ones.
+/// Reads only: files are matched with their sidecars as a claim would.
 pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
     let mut s = Summary::default();
     let pending = spool.pending();
@@ -1204,15 +1165,37 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
+    let here = Where::here(&spool.root, None)?;
+    let mount = ident::mount_tag(&here.boot_id, here.dev);
+    let mut known = BTreeMap::new();
+    if let Ok(rd) = fs::read_dir(spool.files()) {
+        for d in rd.flatten() {
+            let key = d.file_name().to_string_lossy().into_owned();
+            if let Some(id) = ident::read(&d.path()).or_else(|| ident::legacy(&key, &mount)) {
+                known.insert(key, id);
+            }
+        }
+    }
+    let mut opened = Vec::new();
     for e in entries {
         s.pending_files += 1;
-        let dir = spool.files().join(e.key());
-        let cur = read_cursor(&dir.join("cursor")).unwrap_or_default();
         let Ok(f) = super::scan::open_regular(&pending.join(&e.name)) else {
             continue;
         };
-        let offset = if cur.offset > e.size { 0 } else { cur.offset };
-        let mut r = LineReader::open(f, offset, cur.line, max_line_bytes)?;
+        let Ok(p) = Probe::read(&e.name, &f) else {
+            continue;
+        };
+        opened.push((e, f, p));
+    }
+    let probes: Vec<Probe> = opened.iter().map(|(_, _, p)| p.clone()).collect();
+    let keys = ident::assign(&probes, &known, &mount);
+    for ((e, f, p), key) in opened.into_iter().zip(keys) {
+        let cur = key
+            .filter(|k| known[k].head_matches(&p))
+            .and_then(|k| read_cursor(&spool.files().join(k).join("cursor")).ok())
+            .filter(|c| c.offset <= p.size)
+            .unwrap_or_default();
+        let mut r = LineReader::open(f, cur.offset, cur.line, max_line_bytes)?;
         let before = s.pending_lines;
         while let Next::Line(l) = r.next(true)? {
             if !l.is_blank() {

@@ -9,19 +9,23 @@
 //!   .ttspool/claim.lock      held while claiming lines or taking over leases
 //!   .ttspool/records.lock    held while appending records
 //!   .ttspool/instances/      <instance>.lock (held for life), <instance>.alive (heartbeat)
-//!   .ttspool/files/<key>/    per pending file: `cursor`, and `lease-<gen>-<line>` files
+//!   .ttspool/files/<key>/    per pending file: `ident`, `cursor`, and `lease-<gen>-<line>` files
+//!   .ttspool/followed/<key>/ per consumed file that is still followed for growth
 //! ```
 //!
 //! Only files under `.ttspool/` are ever locked; a producer's file is only
 //! read, and renamed into `.consumed/` once every line has its record.
 
 pub mod claim;
+mod consume;
 pub mod heartbeat;
+pub mod ident;
 pub mod lease;
 pub mod lines;
 pub mod locks;
 pub mod records;
 pub mod scan;
+pub mod sidecar;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +59,10 @@ impl Spool {
     }
     pub fn files(&self) -> PathBuf {
         self.state().join("files")
+    }
+    /// Sidecars of consumed files that are followed for growth (consume.rs).
+    pub fn followed(&self) -> PathBuf {
+        self.state().join("followed")
     }
     pub fn instances(&self) -> PathBuf {
         self.state().join("instances")

@@ -54,8 +54,12 @@ impl ErrorKind {
 /// Where a task line came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
+    /// The file's name when the line was claimed (lossy if not UTF-8).
     pub file: String,
     pub line: u64,
+    /// The name's bytes, escaped (`caf\xe9.jsonl`), when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_escaped: Option<String>,
 }
 
 /// Fields every record has.

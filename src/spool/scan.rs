@@ -1,6 +1,8 @@
-//! Listing `pending/`: which producer files exist now, with the identity
-//! (inode) and size that tell a grown file from a replaced one.
+//! Listing `pending/`: which producer files exist now, with their size and
+//! modification time (which files are idle). Which file is which is
+//! ident.rs's business.
 
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::SystemTime;
@@ -8,40 +10,32 @@ use std::time::SystemTime;
 /// One producer file as seen by a scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    pub name: String,
+    /// The name as the file system has it (not necessarily UTF-8).
+    pub name: OsString,
     pub ino: u64,
     pub size: u64,
     pub mtime: SystemTime,
 }
 
 impl Entry {
-    /// The name of this file's sidecar folder: a new inode is a new file.
-    pub fn key(&self) -> String {
-        let safe: String = self
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(80)
-            .collect();
-        format!("{safe}.{}", self.ino)
+    /// The name for messages (lossy if it is not UTF-8).
+    pub fn shown(&self) -> String {
+        self.name.to_string_lossy().into_owned()
     }
 }
 
 /// True for names producers use while still writing.
-pub fn ignored(name: &str) -> bool {
-    name.starts_with('.') || name.ends_with(".tmp")
+pub fn ignored(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
+    b.starts_with(b".") || b.ends_with(b".tmp")
 }
 
 /// Task files are `*.jsonl` (SPEC §1); `README`, `notes.txt`, `x.jsonl~`,
-/// `x.jsonl.swp` or `data.json` are left alone.
-pub fn is_task_file(name: &str) -> bool {
-    name.ends_with(".jsonl") && !ignored(name)
+/// `x.jsonl.swp` or `data.json` are left alone. The name need not be UTF-8.
+pub fn is_task_file(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    name.as_bytes().ends_with(b".jsonl") && !ignored(name)
 }
 
 /// An entry of `pending/` that looks like a task file but is never read.
@@ -54,8 +48,7 @@ pub struct Rejected {
 }
 
 /// What a scan found: task files, oldest first (then by name), and entries
-/// that are not read (symlinks, FIFOs, devices, folders, names that are not
-/// UTF-8).
+/// that are not read (symlinks, FIFOs, devices, folders).
 #[derive(Debug, Default)]
 pub struct Scan {
     pub files: Vec<Entry>,
@@ -72,21 +65,13 @@ pub fn scan_all(pending: &Path) -> std::io::Result<Scan> {
     let mut out = Scan::default();
     for ent in std::fs::read_dir(pending)? {
         let ent = ent?;
-        let raw = ent.file_name();
-        let lossy = raw.to_string_lossy().into_owned();
-        if !is_task_file(&lossy) {
-            if !ignored(&lossy) {
-                tracing::debug!(file = %lossy, "not a task file (only *.jsonl are); left alone");
+        let name = ent.file_name();
+        if !is_task_file(&name) {
+            if !ignored(&name) {
+                tracing::debug!(file = %name.to_string_lossy(), "not a task file (only *.jsonl are); left alone");
             }
             continue;
         }
-        let Some(name) = raw.to_str().map(String::from) else {
-            out.rejected.push(Rejected {
-                name: lossy,
-                why: "its name is not UTF-8; rename it",
-            });
-            continue;
-        };
         // lstat: a symlink is never followed. A file can vanish between
         // listing and stat (consumed by another daemon).
         let Ok(md) = std::fs::symlink_metadata(ent.path()) else {
@@ -95,7 +80,7 @@ pub fn scan_all(pending: &Path) -> std::io::Result<Scan> {
         let ft = md.file_type();
         if !ft.is_file() {
             out.rejected.push(Rejected {
-                name,
+                name: name.to_string_lossy().into_owned(),
                 why: if ft.is_symlink() {
                     "a symlink, which is never followed; put the file itself in pending/"
                 } else if ft.is_dir() {
@@ -161,7 +146,7 @@ mod tests {
         let fifo = std::ffi::CString::new(p.join("fifo.jsonl").to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let s = scan_all(p).unwrap();
-        let files: Vec<&str> = s.files.iter().map(|e| e.name.as_str()).collect();
+        let files: Vec<String> = s.files.iter().map(Entry::shown).collect();
         assert_eq!(files, ["a.jsonl"]);
         let mut rejected: Vec<&str> = s.rejected.iter().map(|r| r.name.as_str()).collect();
         rejected.sort();

@@ -119,6 +119,7 @@ impl Env {
                 ("dir", "\"spool\"".into()),
                 ("poll_interval", "\"200ms\"".into()),
                 ("settle", "\"300ms\"".into()),
+                ("consume_after", "\"1s\"".into()),
                 ("lease", "\"3s\"".into()),
             ],
             &spool_extra,
