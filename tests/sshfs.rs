@@ -188,3 +188,86 @@ fn a_second_daemon_on_another_mount_of_a_lockless_share_refuses() {
     let starts = env.starts();
     assert!(starts.values().all(|&n| n == 1), "{starts:?}");
 }
+
+#[test]
+fn a_daemon_restarted_on_another_mount_of_the_share_keeps_the_claims() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("[gpu]\nmax_parallel = 1\n");
+    let share = env.root().join("share");
+    fs::create_dir_all(share.join("spool/pending")).unwrap();
+    let (ma, mb) = (env.root().join("ma"), env.root().join("mb"));
+    let Some(_mounts) = mount_twice(env.root(), &share, &[ma.clone(), mb.clone()]) else {
+        return;
+    };
+    let config = |mount: &Path, file: &str| -> PathBuf {
+        let text = fs::read_to_string(env.instance_config("a"))
+            .unwrap()
+            .replace(
+                "dir = \"spool\"",
+                &format!("dir = \"{}/spool\"", mount.display()),
+            );
+        let p = env.root().join(file);
+        fs::write(&p, text).unwrap();
+        p
+    };
+    let (ca, cb) = (config(&ma, "a.toml"), config(&mb, "b.toml"));
+    // sshfs numbers inodes per mount, in the order it meets paths: let
+    // mount b meet other files first, so the task file's numbers differ.
+    for i in 0..5 {
+        fs::write(share.join(format!("spool/other{i}")), "").unwrap();
+        fs::metadata(mb.join(format!("spool/other{i}"))).unwrap();
+    }
+    let lines: String = (0..30)
+        .map(|i| task_line(&format!("m{i}"), "NAP"))
+        .collect();
+    fs::write(share.join("spool/pending/.s.tmp"), lines).unwrap();
+    fs::rename(
+        share.join("spool/pending/.s.tmp"),
+        share.join("spool/pending/s.jsonl"),
+    )
+    .unwrap();
+    let (ia, ib) = (
+        fs::metadata(ma.join("spool/pending/s.jsonl"))
+            .unwrap()
+            .ino(),
+        fs::metadata(mb.join("spool/pending/s.jsonl"))
+            .unwrap()
+            .ino(),
+    );
+    assert_ne!(ia, ib, "the two mounts must number the file differently");
+    let log_a = fs::File::create(env.root().join("daemon-a.log")).unwrap();
+    let mut a = env
+        .cmd_with(&ca, &["run"])
+        .stdout(Stdio::null())
+        .stderr(log_a)
+        .spawn()
+        .unwrap();
+    let records = || -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for r in read_jsonl(&share.join("spool/done.jsonl"))
+            .into_iter()
+            .chain(read_jsonl(&share.join("spool/failed.jsonl")))
+        {
+            *out.entry(r["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        out
+    };
+    wait_until(60, "a few records", || records().len() >= 4);
+    sigterm(&a);
+    assert!(a.wait().unwrap().success());
+    let before = records().len();
+    assert!(before < 30, "a finished everything before it stopped");
+    // The same daemon, restarted through the other mount.
+    let out = env.run_with(&cb, &["run", "--once"], 120);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = records();
+    assert_eq!(r.len(), 30, "{r:?}");
+    assert!(r.values().all(|&n| n == 1), "{r:?}");
+    let starts = env.starts();
+    assert!(starts.values().all(|&n| n == 1), "{starts:?}");
+}
