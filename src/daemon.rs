@@ -867,7 +867,7 @@ impl Daemon {
             self.last_error = Some(e.clone());
         }
         self.last_claim_empty = batch.lines.is_empty();
-        if batch.lines.len() as u64 > 0 {
+        if !batch.lines.is_empty() || batch.more || batch.returned > 0 {
             self.dirty = true; // there may be more
         }
         self.waiting_partial = batch.waiting;

@@ -191,7 +191,7 @@ fn read_all(bytes: &[u8], offset: u64, before: u64, max: usize) -> Vec<Line> {
     loop {
         match r.next(true).unwrap() {
             Next::Line(l) => out.push(l),
-            Next::Partial => panic!("a partial line with take_partial"),
+            Next::Partial | Next::Unfinished(_) => panic!("a partial line with take_partial"),
             Next::Eof => return out,
         }
     }

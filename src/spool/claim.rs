@@ -58,7 +58,7 @@ use serde::Serialize;
 
 use super::heartbeat::{BeatError, Beater, Heartbeat, Liveness};
 use super::ident::{self, Ident, Probe};
-use super::lines::{Line, LineReader, Next};
+use super::lines::{Line, LineReader, LongLine, Next};
 use super::locks::{self, LockScope, Where};
 use super::records::RecordLog;
 use super::scan::{scan, scan_all, Entry};
@@ -156,6 +156,8 @@ pub struct Batch {
     pub consumed: Vec<String>,
     /// Consumed files that grew, moved back into `pending/`.
     pub returned: usize,
+    /// Some file has more to read than one round reads: claim again soon.
+    pub more: bool,
     /// Why some file could not be claimed from (also logged).
     pub errors: Vec<String>,
     /// Claiming stopped because the disk is full (a lease or cursor could
@@ -216,6 +218,8 @@ pub struct Claimer {
     pub(super) mount: String,
     rr: usize,
     pub(super) seen: HashMap<String, Seen>,
+    /// Over-long lines read partly, per sidecar key (with the generation).
+    long_lines: HashMap<String, (u64, LongLine)>,
     /// Our beats, until [`Claimer::start_heartbeat`] moves them to a thread.
     beater: Option<Beater>,
     liveness: Liveness,
@@ -295,6 +299,7 @@ impl Claimer {
             mount: ident::mount_tag(&here.boot_id, here.dev),
             rr: 0,
             seen: HashMap::new(),
+            long_lines: HashMap::new(),
             beater: Some(
                 Beater::new(alive, alive_path.clone(), &lock, lock_path.clone())
                     .map_err(io_err("stat", &lock_path))?,
@@ -493,6 +498,7 @@ impl Claimer {
         let now = Instant::now();
         let keys: HashSet<&str> = files.iter().map(|f| f.key.as_str()).collect();
         self.seen.retain(|k, _| keys.contains(k.as_str()));
+        self.long_lines.retain(|k, _| keys.contains(k.as_str()));
         for f in &files {
             let e = &f.entry;
             let s = self.seen.entry(f.key.clone()).or_insert(Seen {
@@ -671,12 +677,32 @@ impl Claimer {
             return Ok(0);
         }
         let file = f.file.try_clone().map_err(io_err("read", &path))?;
-        let mut reader = LineReader::open(file, cur.offset, cur.line, self.max_line_bytes)
-            .map_err(io_err("read", &path))?;
+        // An over-long line is read ROUND_BYTES a round, from where the
+        // last round stopped.
+        let known = self
+            .long_lines
+            .remove(&f.key)
+            .filter(|(gen, l)| *gen == cur.gen && l.start == cur.offset && l.read_to <= f.size);
+        let mut reader = match known {
+            Some((_, l)) => LineReader::resume(file, l, self.max_line_bytes),
+            None => LineReader::open(file, cur.offset, cur.line, self.max_line_bytes),
+        }
+        .map_err(io_err("read", &path))?;
+        let from = reader.position();
+        reader.limit(from + ROUND_BYTES);
         let mut lines = Vec::new();
         let mut wanted = 0;
-        while wanted < quota && reader.position() - cur.offset < ROUND_BYTES {
+        while wanted < quota && reader.position() - from < ROUND_BYTES {
             match reader.next(settled).map_err(io_err("read", &path))? {
+                Next::Unfinished(l) => {
+                    if l.read_to < f.size {
+                        batch.more = true; // go on next round, after the others
+                    } else {
+                        batch.waiting = true; // the file may still grow
+                    }
+                    self.long_lines.insert(f.key.clone(), (cur.gen, l));
+                    break;
+                }
                 Next::Line(l) => {
                     if !l.is_blank() {
                         wanted += 1;
@@ -958,7 +984,7 @@ impl Claimer {
                         out.insert(l.no(), l);
                     }
                 }
-                Next::Partial | Next::Eof => break,
+                Next::Partial | Next::Eof | Next::Unfinished(_) => break,
             }
         }
         Ok(out)
@@ -1295,6 +1321,37 @@ mod tests {
             }
             prop_assert_eq!(seen.len(), expected);
         }
+    }
+
+    #[test]
+    fn a_huge_line_is_read_a_bounded_amount_per_round_and_does_not_hold_up_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        let mut a = claimer(&spool, "a");
+        let mut big = File::create(spool.pending().join("big.jsonl")).unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..40 {
+            big.write_all(&chunk).unwrap();
+        }
+        big.write_all(b"\n{\"n\":2}\n").unwrap();
+        fs::write(spool.pending().join("small.jsonl"), "{\"n\":1}\n").unwrap();
+        let first = a.claim(10).unwrap();
+        let files: Vec<&str> = first.lines.iter().map(|l| l.file.as_str()).collect();
+        assert_eq!(files, ["small.jsonl"], "the small file waits for nothing");
+        assert!(first.more, "the big file has more to read");
+        let mut rounds = 1;
+        let big_lines = loop {
+            let b = a.claim(10).unwrap();
+            rounds += 1;
+            if !b.lines.is_empty() {
+                break b.lines;
+            }
+            assert!(b.more && rounds < 20, "no progress after {rounds} rounds");
+        };
+        // 40 MiB at 8 MiB a round.
+        assert!(rounds >= 5, "{rounds}");
+        assert!(matches!(big_lines[0].line, Ok(Line::TooLong { no: 1, .. })));
+        assert_eq!(big_lines.len(), 2);
     }
 
     #[test]

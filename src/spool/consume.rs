@@ -234,7 +234,7 @@ impl Claimer {
                     missing.push(l.no())
                 }
                 Next::Line(_) => {}
-                Next::Partial | Next::Eof => break,
+                Next::Partial | Next::Eof | Next::Unfinished(_) => break,
             }
         }
         Ok(missing)

@@ -5,6 +5,11 @@
 //! first 4 KiB are kept (for the `raw` field of its failed record), so a 50 MiB
 //! line costs 4 KiB of memory. A final line without `\n` is reported as
 //! `Partial` unless the caller says the file has settled.
+//!
+//! With a limit ([`LineReader::limit`]), an over-long line is read only up
+//! to it: the reader returns [`Next::Unfinished`] with what it knows of the
+//! line, and [`LineReader::resume`] goes on from there later — so a 2 GiB
+//! line costs each claim round a bounded amount of reading.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
@@ -54,6 +59,19 @@ pub enum Next {
     /// Bytes after the last `\n` that are not taken (yet).
     Partial,
     Eof,
+    /// An over-long line, read up to the limit (or to the end of a file
+    /// that has not settled) without finding its end.
+    Unfinished(LongLine),
+}
+
+/// How far an over-long line has been read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LongLine {
+    pub no: u64,
+    pub start: u64,
+    /// Read up to here: no `\n` before.
+    pub read_to: u64,
+    pub head: Vec<u8>,
 }
 
 pub struct LineReader {
@@ -61,6 +79,8 @@ pub struct LineReader {
     pos: u64,
     next_no: u64,
     max: usize,
+    limit: u64,
+    carry: Option<LongLine>,
 }
 
 impl LineReader {
@@ -73,7 +93,21 @@ impl LineReader {
             pos: offset,
             next_no: lines_before + 1,
             max,
+            limit: u64::MAX,
+            carry: None,
         })
+    }
+
+    /// Goes on reading an over-long line where an earlier reader stopped.
+    pub fn resume(file: File, line: LongLine, max: usize) -> io::Result<Self> {
+        let mut r = LineReader::open(file, line.read_to, line.no - 1, max)?;
+        r.carry = Some(line);
+        Ok(r)
+    }
+
+    /// Stop reading an over-long line at byte `at` (see [`Next::Unfinished`]).
+    pub fn limit(&mut self, at: u64) {
+        self.limit = at;
     }
 
     pub fn position(&self) -> u64 {
@@ -82,15 +116,27 @@ impl LineReader {
 
     /// The next line. `take_partial`: a final line without `\n` counts as a line.
     pub fn next(&mut self, take_partial: bool) -> io::Result<Next> {
-        let start = self.pos;
-        let mut bytes = Vec::new();
-        let mut len: u64 = 0;
-        let mut too_long = false;
+        let (start, mut bytes, mut len, mut too_long) = match self.carry.take() {
+            Some(c) => (c.start, c.head, c.read_to - c.start, true),
+            None => (self.pos, Vec::new(), 0, false),
+        };
+        let unfinished = |r: &Self, bytes: Vec<u8>| LongLine {
+            no: r.next_no,
+            start,
+            read_to: r.pos,
+            head: bytes,
+        };
         loop {
+            if too_long && self.pos >= self.limit {
+                return Ok(Next::Unfinished(unfinished(self, bytes)));
+            }
             let buf = self.inner.fill_buf()?;
             if buf.is_empty() {
                 if len == 0 {
                     return Ok(Next::Eof);
+                }
+                if too_long && !take_partial {
+                    return Ok(Next::Unfinished(unfinished(self, bytes)));
                 }
                 if !take_partial {
                     // Rewind so a later call sees the whole line again.
@@ -189,6 +235,59 @@ mod tests {
     }
 
     #[test]
+    fn a_long_line_is_read_a_bounded_amount_at_a_time() {
+        let mut content = b"{\"a\":1}\n".to_vec();
+        content.extend(std::iter::repeat_n(b'x', 400_000));
+        content.extend_from_slice(b"\nok\n");
+        let file = || {
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(&content).unwrap();
+            f
+        };
+        let mut r = LineReader::open(file(), 0, 0, 5000).unwrap();
+        r.limit(30_000);
+        assert_eq!(text(r.next(false).unwrap()), b"{\"a\":1}");
+        let mut at = match r.next(false).unwrap() {
+            Next::Unfinished(l) => l,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((at.no, at.start), (2, 8));
+        let mut rounds = 1;
+        let line = loop {
+            let mut r = LineReader::resume(file(), at.clone(), 5000).unwrap();
+            r.limit(at.read_to + 30_000);
+            match r.next(false).unwrap() {
+                Next::Unfinished(l) => {
+                    assert!(l.read_to > at.read_to);
+                    at = l;
+                    rounds += 1;
+                }
+                Next::Line(l) => {
+                    assert_eq!(text(r.next(false).unwrap()), b"ok");
+                    break l;
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        // The limit is kept to within one buffer (64 KiB).
+        assert!(rounds >= 4, "{rounds}");
+        match line {
+            Line::TooLong {
+                no,
+                start,
+                end,
+                len,
+                head,
+            } => {
+                assert_eq!((no, start, end, len), (2, 8, 400_009, 400_001));
+                assert_eq!(head.len(), RAW_KEEP);
+                assert!(head.iter().all(|&b| b == b'x'));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn long_line_keeps_only_head() {
         let mut content = vec![b'x'; 100_000];
         content.push(b'\n');
@@ -203,6 +302,8 @@ mod tests {
             pos: 0,
             next_no: 1,
             max: 5000,
+            limit: u64::MAX,
+            carry: None,
         };
         match r.next(false).unwrap() {
             Next::Line(Line::TooLong { len, head, end, .. }) => {
