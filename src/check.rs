@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, EngineKind};
-use crate::submit::validate_file;
+use crate::task::validate_file;
 use crate::util::find_in_path;
 
 /// Can we create files in `dir` (or create `dir`)?

@@ -389,10 +389,7 @@ fn default_log_level() -> String {
 }
 
 fn default_events() -> Vec<String> {
-    crate::webhook::EVENTS
-        .iter()
-        .map(|e| e.to_string())
-        .collect()
+    crate::vocab::EVENTS.iter().map(|e| e.to_string()).collect()
 }
 fn default_format() -> WebhookFormat {
     WebhookFormat::Standard
@@ -696,12 +693,12 @@ impl Config {
         }
         let w = &self.webhook;
         for e in &w.events {
-            if !crate::webhook::EVENTS.contains(&e.as_str()) {
+            if !crate::vocab::EVENTS.contains(&e.as_str()) {
                 return Err(bad(
                     "webhook.events",
                     &format!(
                         "unknown event {e:?}; known: {}",
-                        crate::webhook::EVENTS.join(", ")
+                        crate::vocab::EVENTS.join(", ")
                     ),
                 ));
             }
@@ -712,7 +709,7 @@ impl Config {
             }
         }
         for c in &w.allow_cidrs {
-            if let Err(e) = crate::webhook::guard::Cidr::parse(c) {
+            if let Err(e) = crate::cidr::Cidr::parse(c) {
                 return Err(bad("webhook.allow_cidrs", &e));
             }
         }

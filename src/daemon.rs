@@ -35,10 +35,11 @@ use crate::spool::claim::{
 use crate::spool::heartbeat::Heartbeat;
 use crate::spool::lease::{LeaseBook, Settled};
 use crate::spool::lines::{Line, RAW_KEEP};
-use crate::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
+use crate::spool::records::RecordLog;
 use crate::spool::{watch as spool_watch, Spool};
 use crate::task::{self, parse_line, TaskRules};
 use crate::util::{cut, now_rfc3339};
+use crate::vocab::{Common, ErrorKind, Record, Source};
 use crate::webhook::deliver;
 use crate::webhook::outbox::Outbox;
 use crate::webhook::Settings;

@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod check;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -48,4 +49,5 @@ pub mod submit;
 pub mod task;
 pub mod template;
 pub mod util;
+pub mod vocab;
 pub mod webhook;

@@ -73,7 +73,7 @@ fn device_label(d: &Option<String>) -> String {
 
 impl Metrics {
     /// The slots of each device (called at start and on reload).
-    pub fn set_slots(&self, slots: &[crate::engine::Slot]) {
+    pub fn set_slots(&self, slots: &[crate::vocab::Slot]) {
         let mut m = self.slots.lock().expect("metrics");
         for v in m.values_mut() {
             v.slots = 0;
@@ -83,14 +83,14 @@ impl Metrics {
         }
     }
 
-    pub fn slot_started(&self, slot: &crate::engine::Slot) {
+    pub fn slot_started(&self, slot: &crate::vocab::Slot) {
         self.busy_slots
             .lock()
             .expect("metrics")
             .insert(slot.index, (device_label(&slot.device), Instant::now()));
     }
 
-    pub fn slot_finished(&self, slot: &crate::engine::Slot) {
+    pub fn slot_finished(&self, slot: &crate::vocab::Slot) {
         if let Some((dev, t)) = self.busy_slots.lock().expect("metrics").remove(&slot.index) {
             self.slots
                 .lock()
@@ -323,7 +323,7 @@ mod tests {
     #[test]
     fn renders_every_metric() {
         let m = Metrics::default();
-        m.set_slots(&[crate::engine::Slot {
+        m.set_slots(&[crate::vocab::Slot {
             index: 0,
             device: Some("0".into()),
         }]);

@@ -9,7 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Job, Slot};
+use crate::vocab::{Job, Slot};
 
 /// Where a claimed line came from and which lease covers it.
 #[derive(Debug, Clone)]
@@ -18,7 +18,7 @@ pub struct ClaimRef {
     pub token: String,
     pub file: String,
     pub file_escaped: Option<String>,
-    pub file_id: String,
+    pub file_id: crate::vocab::FileId,
     pub line: u64,
 }
 
@@ -219,7 +219,7 @@ mod tests {
                 token: String::new(),
                 file: file.into(),
                 file_escaped: None,
-                file_id: String::new(),
+                file_id: Default::default(),
                 line: 1,
             },
             job: Job {

@@ -6,49 +6,14 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::spool::lines::{Line, LineReader, Next};
 use crate::spool::Spool;
-use crate::task::{parse_line, TaskRules};
+use crate::task::validate_file;
 use crate::util::{fsync_dir, io_msg};
-
-/// Counts of one validated file.
-#[derive(Debug, Default)]
-pub struct Validation {
-    pub tasks: u64,
-    pub blank: u64,
-    pub errors: Vec<String>,
-}
-
-/// Validates the task lines of `path`; `shown` is the name used in messages.
-pub fn validate_file(path: &Path, shown: &str, cfg: &Config) -> io::Result<Validation> {
-    let rules = TaskRules::from_config(cfg);
-    let mut v = Validation::default();
-    let mut r = LineReader::open(File::open(path)?, 0, 0, cfg.limits.max_line_bytes)?;
-    while let Next::Line(line) = r.next(true)? {
-        match line {
-            Line::TooLong { no, len, .. } => v.errors.push(format!(
-                "{shown}:{no}: line is {len} bytes, more than limits.max_line_bytes = {}",
-                cfg.limits.max_line_bytes
-            )),
-            Line::Text { no, bytes, .. } => {
-                if crate::task::is_blank(&bytes) {
-                    v.blank += 1;
-                    continue;
-                }
-                match parse_line(&bytes, &rules) {
-                    Ok(_) => v.tasks += 1,
-                    Err(e) => v.errors.push(format!("{shown}:{no}: {e}")),
-                }
-            }
-        }
-    }
-    Ok(v)
-}
 
 pub fn submit(cfg: &Config, inputs: &[PathBuf], wait: bool) -> anyhow::Result<u8> {
     let spool = Spool::new(&cfg.spool.dir);

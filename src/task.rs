@@ -6,39 +6,16 @@
 //! errors. The GLM-TTS names (`uttid`, `syn_text`, `prompt_speech`) are aliases,
 //! so that project's example files are task files as they are.
 
+use std::fs::File;
+use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// A task as normalized: canonical field names, `id` defaulted.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Task {
-    pub id: String,
-    pub input_text: String,
-    pub output_name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_audio: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_text: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub callback_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Map<String, Value>>,
-}
+use crate::config::Config;
+use crate::spool::lines::{Line, LineReader, Next};
 
-impl Task {
-    /// The task as records show it: `callback_url` without query string
-    /// and user info, which often carry a token (SPEC §8: secrets never
-    /// appear in records). Delivery uses the full URL, kept in the outbox.
-    pub fn for_record(&self) -> Value {
-        let mut v = serde_json::to_value(self).expect("a task serializes");
-        if let (Some(u), Some(m)) = (&self.callback_url, v.as_object_mut()) {
-            m.insert("callback_url".into(), Value::String(crate::redact::url(u)));
-        }
-        v
-    }
-}
+pub use crate::vocab::Task;
 
 /// Why a line is not a task. The message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,10 +57,7 @@ const FIELDS: &[(&str, Option<&str>)] = &[
     ("metadata", None),
 ];
 
-/// True for a line that holds nothing but white space (it gets no record).
-pub fn is_blank(line: &[u8]) -> bool {
-    line.iter().all(|b| b.is_ascii_whitespace())
-}
+pub use crate::spool::lines::is_blank;
 
 /// Parses and validates one line (without its line end).
 pub fn parse_line(line: &[u8], rules: &TaskRules) -> Result<Task, InvalidTask> {
@@ -310,6 +284,40 @@ pub fn resolve_voice(voices_dir: &Path, rel: &str) -> Result<PathBuf, String> {
 /// The final output path of a task.
 pub fn output_path(output_dir: &Path, output_name: &str) -> PathBuf {
     output_dir.join(format!("{output_name}.wav"))
+}
+
+/// Counts of one validated file.
+#[derive(Debug, Default)]
+pub struct Validation {
+    pub tasks: u64,
+    pub blank: u64,
+    pub errors: Vec<String>,
+}
+
+/// Validates the task lines of `path`; `shown` is the name used in messages.
+pub fn validate_file(path: &Path, shown: &str, cfg: &Config) -> io::Result<Validation> {
+    let rules = TaskRules::from_config(cfg);
+    let mut v = Validation::default();
+    let mut r = LineReader::open(File::open(path)?, 0, 0, cfg.limits.max_line_bytes)?;
+    while let Next::Line(line) = r.next(true)? {
+        match line {
+            Line::TooLong { no, len, .. } => v.errors.push(format!(
+                "{shown}:{no}: line is {len} bytes, more than limits.max_line_bytes = {}",
+                cfg.limits.max_line_bytes
+            )),
+            Line::Text { no, bytes, .. } => {
+                if is_blank(&bytes) {
+                    v.blank += 1;
+                    continue;
+                }
+                match parse_line(&bytes, &rules) {
+                    Ok(_) => v.tasks += 1,
+                    Err(e) => v.errors.push(format!("{shown}:{no}: {e}")),
+                }
+            }
+        }
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

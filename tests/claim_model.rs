@@ -34,8 +34,9 @@ use ttspool::spool::claim::{
 };
 use ttspool::spool::lease::{LeaseBook, Settled};
 use ttspool::spool::lines::Line;
-use ttspool::spool::records::{Common, ErrorKind, Record, RecordLog, Source};
+use ttspool::spool::records::RecordLog;
 use ttspool::spool::Spool;
+use ttspool::vocab::{Common, ErrorKind, FileId, Record, Source};
 
 const DAEMONS: usize = 3;
 const FILES: usize = 2;
@@ -389,7 +390,7 @@ impl World {
     }
 
     /// Records per line id (`output_name`), and per (file_id, line).
-    fn records(&self) -> (HashMap<String, usize>, HashSet<(String, u64)>) {
+    fn records(&self) -> (HashMap<String, usize>, HashSet<(FileId, u64)>) {
         let mut ids = HashMap::new();
         let mut lines = HashSet::new();
         self.log

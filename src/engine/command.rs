@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use super::{has_wav_head, ChildEnv, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
-use crate::spool::records::ErrorKind;
 use crate::template::{Template, Var};
 use crate::util::io_msg;
+use crate::vocab::ErrorKind;
 
 pub struct CommandEngine {
     /// `engine.argv`, parsed once; the program resolved in `$PATH`.

@@ -23,8 +23,8 @@ use tokio::sync::watch;
 use super::{is_complete_wav, publish, ChildEnv, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
-use crate::spool::records::ErrorKind;
 use crate::util::{cut, io_msg};
+use crate::vocab::ErrorKind;
 
 /// Bytes of the batch's stderr kept to find each task's lines in.
 const BATCH_TAIL: usize = 256 * 1024;

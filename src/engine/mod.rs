@@ -7,32 +7,15 @@ pub mod command;
 pub mod glmtts;
 pub mod sweep;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokio::sync::watch;
 
 use crate::config::{Config, EngineKind};
 use crate::process;
-use crate::spool::records::ErrorKind;
-use crate::task::Task;
+use crate::vocab::ErrorKind;
 
-/// One task to synthesize.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub task: Task,
-    /// The final output path.
-    pub output: PathBuf,
-    /// `prompt_audio` resolved inside the voices folder.
-    pub prompt_audio: Option<PathBuf>,
-    pub trace_id: String,
-}
-
-/// A place to run children: pinned to a GPU, or one of `max_parallel`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Slot {
-    pub index: usize,
-    pub device: Option<String>,
-}
+pub use crate::vocab::{Job, Slot};
 
 /// Builds the slots of a config: devices × slots_per_device, or max_parallel.
 pub fn slots(cfg: &Config) -> Vec<Slot> {

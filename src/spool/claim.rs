@@ -68,6 +68,7 @@ use super::sidecar::{
 pub use super::sidecar::{read_lease, Cursor, LeaseDoc};
 use super::Spool;
 use crate::util::{atomic_write, create_exclusive, fsync_dir};
+use crate::vocab::FileId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
@@ -139,7 +140,7 @@ pub struct Claimed {
     pub file: String,
     /// The name's bytes, escaped, when it is not UTF-8.
     pub file_escaped: Option<String>,
-    pub file_id: String,
+    pub file_id: FileId,
     pub no: u64,
     /// The line, or why it could no longer be read (taken over from a file
     /// that was replaced meanwhile).
@@ -176,7 +177,7 @@ pub(super) struct Seen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDone {
     pub file: String,
-    pub file_id: String,
+    pub file_id: FileId,
     pub completed: u64,
     pub skipped: u64,
     pub failed: u64,

@@ -26,6 +26,7 @@ use super::ident::{self, Consumed};
 use super::lines::{LineReader, Next};
 use super::sidecar::{has_leases, read_cursor, write_ident};
 use crate::util::fsync_dir;
+use crate::vocab::FileId;
 
 /// Growth checks of a followed file are at most this far apart.
 const FOLLOW_MAX: Duration = Duration::from_secs(3600);
@@ -215,7 +216,7 @@ impl Claimer {
     /// Line numbers of the file's current content (non-blank, complete)
     /// that have no record under its current generation.
     fn unrecorded(&self, f: &Found, path: &Path) -> Result<Vec<u64>, ClaimError> {
-        let file_id = format!("{}#{}", f.key, f.cursor.gen);
+        let file_id = FileId::new(&f.key, f.cursor.gen);
         let mut recorded = std::collections::HashSet::new();
         self.log
             .read_since(f.cursor.since.unwrap_or_default(), |r, _, _| {
@@ -242,17 +243,16 @@ impl Claimer {
 
     /// Counts the records of a file (all its generations).
     fn file_done(&self, f: &Found) -> Result<FileDone, ClaimError> {
-        let prefix = format!("{}#", f.key);
         let mut done = FileDone {
             file: f.entry.shown(),
-            file_id: format!("{}#{}", f.key, f.cursor.gen),
+            file_id: FileId::new(&f.key, f.cursor.gen),
             completed: 0,
             skipped: 0,
             failed: 0,
         };
         self.log
             .read_since(f.cursor.since.unwrap_or_default(), |r, _, _| {
-                if r.file_id.starts_with(&prefix) {
+                if r.file_id.key == f.key {
                     match r.status.as_str() {
                         "completed" => done.completed += 1,
                         "skipped" => done.skipped += 1,

@@ -49,8 +49,13 @@ impl Line {
         }
     }
     pub fn is_blank(&self) -> bool {
-        matches!(self, Line::Text { bytes, .. } if crate::task::is_blank(bytes))
+        matches!(self, Line::Text { bytes, .. } if is_blank(bytes))
     }
+}
+
+/// True for a line that holds nothing but white space (it gets no record).
+pub fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(|b| b.is_ascii_whitespace())
 }
 
 #[derive(Debug, PartialEq, Eq)]

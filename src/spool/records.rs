@@ -13,177 +13,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::task::Task;
-
-/// Why a task failed for good (SPEC §3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    InvalidTask,
-    EngineFailed,
-    Timeout,
-    InvalidOutput,
-    MissingOutput,
-    SpawnFailed,
-}
-
-impl ErrorKind {
-    pub fn retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorKind::EngineFailed
-                | ErrorKind::Timeout
-                | ErrorKind::SpawnFailed
-                | ErrorKind::MissingOutput
-        )
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::InvalidTask => "invalid_task",
-            ErrorKind::EngineFailed => "engine_failed",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::InvalidOutput => "invalid_output",
-            ErrorKind::MissingOutput => "missing_output",
-            ErrorKind::SpawnFailed => "spawn_failed",
-        }
-    }
-}
-
-/// Where a task line came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Source {
-    /// The file's name when the line was claimed (lossy if not UTF-8).
-    pub file: String,
-    pub line: u64,
-    /// The name's bytes, escaped (`caf\xe9.jsonl`), when it is not UTF-8.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file_escaped: Option<String>,
-}
-
-/// Fields every record has.
-#[derive(Debug, Clone)]
-pub struct Common {
-    pub id: String,
-    pub source: Source,
-    pub trace_id: String,
-    pub instance: String,
-    /// Our sidecar identity of the source file (`<key>#<generation>`), so a
-    /// daemon taking over a lease can tell which of its lines have records.
-    pub file_id: String,
-}
-
-/// A finished task line.
-#[derive(Debug, Clone)]
-pub enum Record {
-    Done {
-        common: Common,
-        skipped: bool,
-        output: PathBuf,
-        attempts: u32,
-        engine: String,
-        gpu: Option<String>,
-        claimed_at: String,
-        started_at: Option<String>,
-        run_ms: u64,
-        task: Task,
-    },
-    Failed {
-        common: Common,
-        kind: ErrorKind,
-        message: String,
-        attempts: u32,
-        task: Option<Task>,
-        raw: Option<String>,
-        stderr_tail: Option<String>,
-    },
-}
-
-impl Record {
-    pub fn common(&self) -> &Common {
-        match self {
-            Record::Done { common, .. } | Record::Failed { common, .. } => common,
-        }
-    }
-
-    pub fn is_done(&self) -> bool {
-        matches!(self, Record::Done { .. })
-    }
-
-    pub fn status(&self) -> &'static str {
-        match self {
-            Record::Done { skipped: false, .. } => "completed",
-            Record::Done { skipped: true, .. } => "skipped",
-            Record::Failed { .. } => "failed",
-        }
-    }
-
-    /// The record as one JSON line, `\n` included.
-    pub fn to_line(&self) -> String {
-        let c = self.common();
-        let mut v = json!({
-            "v": 1,
-            "id": c.id,
-            "status": self.status(),
-            "source": c.source,
-            "trace_id": c.trace_id,
-            "instance": c.instance,
-            "finished_at": crate::util::now_rfc3339(),
-            "file_id": c.file_id,
-        });
-        let m = v.as_object_mut().expect("object");
-        match self {
-            Record::Done {
-                output,
-                attempts,
-                engine,
-                gpu,
-                claimed_at,
-                started_at,
-                run_ms,
-                task,
-                ..
-            } => {
-                m.insert("output".into(), json!(output.to_string_lossy()));
-                m.insert("attempts".into(), json!(attempts));
-                m.insert("engine".into(), json!(engine));
-                m.insert("gpu".into(), json!(gpu));
-                m.insert("claimed_at".into(), json!(claimed_at));
-                m.insert("started_at".into(), json!(started_at));
-                m.insert("run_ms".into(), json!(run_ms));
-                m.insert("task".into(), task.for_record());
-            }
-            Record::Failed {
-                kind,
-                message,
-                attempts,
-                task,
-                raw,
-                stderr_tail,
-                ..
-            } => {
-                m.insert(
-                    "error".into(),
-                    json!({"kind": kind.as_str(), "message": message}),
-                );
-                m.insert("attempts".into(), json!(attempts));
-                if let Some(t) = task {
-                    m.insert("task".into(), t.for_record());
-                }
-                if let Some(r) = raw {
-                    m.insert("raw".into(), json!(crate::redact::urls_in(r)));
-                }
-                if let Some(s) = stderr_tail.as_ref().filter(|s| !s.is_empty()) {
-                    m.insert("stderr_tail".into(), json!(s));
-                }
-            }
-        }
-        let mut line = v.to_string();
-        line.push('\n');
-        line
-    }
-}
+use crate::vocab::FileId;
+pub use crate::vocab::{Common, ErrorKind, Record, Source};
 
 /// A point in the record logs: records appended later come after it, even
 /// across rotations (each rotation starts a new epoch).
@@ -410,7 +243,7 @@ pub struct StoredRecord {
     pub status: String,
     pub source: Source,
     #[serde(default)]
-    pub file_id: String,
+    pub file_id: FileId,
     #[serde(default)]
     pub error: Option<Value>,
     #[serde(default)]

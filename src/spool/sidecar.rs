@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::claim::{io_err, ClaimError};
 use super::records::Pos;
 use crate::util::atomic_write;
+use crate::vocab::FileId;
 
 /// Where the next unclaimed line of a producer file starts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,8 +81,8 @@ pub struct LeaseDoc {
 }
 
 impl LeaseDoc {
-    pub fn file_id(&self) -> String {
-        format!("{}#{}", self.key, self.gen)
+    pub fn file_id(&self) -> FileId {
+        FileId::new(&self.key, self.gen)
     }
 }
 

@@ -23,15 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::config::{Config, WebhookFormat};
-use crate::spool::records::Record;
+use crate::vocab::Record;
 
-/// Every event, in the order the README lists them.
-pub const EVENTS: &[&str] = &[
-    "task.completed",
-    "task.skipped",
-    "task.failed",
-    "file.completed",
-];
+pub use crate::vocab::EVENTS;
 
 /// One message: what is sent, to where, with the same id on every attempt.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -45,7 +39,7 @@ pub struct Message {
     pub body: String,
     /// Which record this message belongs to (empty for file events).
     #[serde(default)]
-    pub file_id: String,
+    pub file_id: crate::vocab::FileId,
     #[serde(default)]
     pub line: u64,
 }
@@ -185,7 +179,7 @@ impl Settings {
             id: f.file.clone(),
             url,
             body,
-            file_id: String::new(),
+            file_id: Default::default(),
             line: 0,
         })
     }

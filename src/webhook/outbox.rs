@@ -131,7 +131,7 @@ impl Outbox {
                 fs::remove_file(&p)?; // torn before its header: nothing was promised
                 continue;
             };
-            let wanted: HashSet<(String, u64)> =
+            let wanted: HashSet<(crate::vocab::FileId, u64)> =
                 msgs.iter().map(|m| (m.file_id.clone(), m.line)).collect();
             let mut present = HashSet::new();
             {
@@ -313,7 +313,7 @@ mod tests {
             id: format!("t{line}"),
             url: "https://example.com/hook".into(),
             body: "{}".into(),
-            file_id: file_id.into(),
+            file_id: file_id.to_string().into(),
             line,
         }
     }
