@@ -825,18 +825,7 @@ fn default_instance() -> String {
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into());
-    let s: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect();
+    let s = crate::util::safe_name(raw.trim(), 100);
     if s.is_empty() {
         "localhost".into()
     } else {

@@ -29,7 +29,7 @@ use crate::engine::{self, Engine, Job, Outcome, Slot, SlotRelease};
 use crate::metrics::Metrics;
 use crate::scheduler::{backoff, ClaimRef, Next, Scheduler, Work};
 use crate::spool::claim::{
-    self, Batch, ClaimError, Claimed, Claimer, CommitOutcome, Held, HeldSet, LeaseChange,
+    self, Batch, ClaimError, Claimed, Claimer, CommitOutcome, FileDone, Held, HeldSet, LeaseChange,
     LeaseOwner,
 };
 use crate::spool::heartbeat::Heartbeat;
@@ -75,7 +75,7 @@ pub enum Sig {
 }
 
 /// Changes the log filter (on reload).
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+pub use crate::logging::SetLogLevel;
 
 pub struct Options {
     /// Drain what is pending now, then exit.
@@ -122,6 +122,9 @@ enum Event {
     /// A finished lease was deleted (or found to be another daemon's).
     LeaseDeleted(PathBuf, Result<LeaseChange, ClaimError>),
     CommitFailed(String),
+    /// Consumed files' totals handed on (or why not: they are handed out
+    /// again later).
+    Announced(Result<(), String>),
     /// Work on the blocking pool panicked.
     Crashed(String),
     Signal(Sig),
@@ -207,6 +210,37 @@ enum Fencing {
     Checking,
 }
 
+/// `ttspool run`: the runtime, the signal plumbing, and [`run`] on it.
+pub fn run_blocking(cfg: Config, once: bool, set_level: SetLogLevel) -> anyhow::Result<u8> {
+    // One thread: children are spawned from the main thread, which lives as
+    // long as the daemon, so PR_SET_PDEATHSIG fires only when the daemon dies.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build()?;
+    rt.block_on(async move {
+        let (tx, rx) = mpsc::unbounded_channel();
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            loop {
+                let s = tokio::select! {
+                    _ = term.recv() => Sig::Stop,
+                    _ = int.recv() => Sig::Stop,
+                    _ = hup.recv() => Sig::Reload,
+                };
+                if tx.send(s).is_err() {
+                    break;
+                }
+            }
+        });
+        run(cfg, Options { once, set_level }, rx).await
+    })?;
+    Ok(0)
+}
+
 /// Runs the daemon until it is told to stop (or, with `once`, runs dry).
 pub async fn run(
     cfg: Config,
@@ -283,15 +317,6 @@ pub async fn run(
         tx: hooks.tx.clone(),
         spool_root: spool.root.clone(),
     };
-    let w2 = webhooks.clone();
-    claimer.on_consume(Box::new(move |f| {
-        let settings = w2.settings.read().expect("settings").clone();
-        if let Some(m) = settings.for_file(f) {
-            let seg = w2.outbox.write(&[m], None)?;
-            let _ = w2.tx.send(deliver::Cmd::Segment(seg));
-        }
-        Ok(())
-    }));
     let ctx = tx.clone();
     let w3 = webhooks.clone();
     std::thread::Builder::new()
@@ -580,6 +605,8 @@ impl Daemon {
             Event::CommitFailed(msg) => {
                 self.fatal = Some(format!("cannot write records: {msg}"));
             }
+            Event::Announced(Err(e)) => warn!("{e}; it is sent again in a few minutes"),
+            Event::Announced(Ok(())) => {}
             Event::Crashed(msg) => {
                 self.fatal = Some(format!("internal error, stopping: {msg}"));
             }
@@ -815,6 +842,35 @@ impl Daemon {
         });
     }
 
+    /// Hands on the totals of consumed files (`file.completed`, through
+    /// the outbox), then tells the spool they went out (consume.rs). On
+    /// failure the spool hands them out again later.
+    fn announce(&self, files: Vec<FileDone>) {
+        let w = self.webhooks.clone();
+        let spool = Spool::new(&w.spool_root);
+        self.blocking(
+            move || {
+                let settings = w.settings.read().expect("settings").clone();
+                for f in files {
+                    if let Some(m) = settings.for_file(&f) {
+                        let seg = w.outbox.write(&[m], None).map_err(|e| {
+                            format!(
+                                "cannot write the file.completed webhook of {}: {}",
+                                f.file,
+                                crate::util::io_msg(&e)
+                            )
+                        })?;
+                        let _ = w.tx.send(deliver::Cmd::Segment(seg));
+                    }
+                    crate::spool::consume::announced(&spool, &f.file_id.key)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            },
+            Event::Announced,
+        );
+    }
+
     /// A spool write failed for lack of space: claims pause (with a
     /// growing wait between tries) until space returns; running tasks go
     /// on and their records wait in memory. Logged once a minute.
@@ -857,11 +913,11 @@ impl Daemon {
         }
     }
 
-    fn claimed(&mut self, batch: Batch) {
+    fn claimed(&mut self, mut batch: Batch) {
         match &batch.disk_full {
             Some(what) => self.disk_is_full(what, 4096),
             // Only a claim that wrote something proves there is room.
-            None if !batch.leases.is_empty() || !batch.consumed.is_empty() => self.disk_has_space(),
+            None if !batch.leases.is_empty() || !batch.finished.is_empty() => self.disk_has_space(),
             None => {}
         }
         if let Some(e) = batch.errors.last() {
@@ -881,8 +937,11 @@ impl Daemon {
                 let _ = tx.send(Event::Hint);
             });
         }
-        for f in &batch.consumed {
-            info!(file = %f, "file fully recorded; moved to pending/.consumed/");
+        if !batch.finished.is_empty() {
+            for f in &batch.finished {
+                info!(file = %f.file, "file fully recorded; moved to pending/.consumed/");
+            }
+            self.announce(std::mem::take(&mut batch.finished));
         }
         for held in batch.leases {
             self.leases.hold(held.path, held.doc.token, held.doc.lines);

@@ -31,12 +31,15 @@
 //! deletions.
 
 pub mod api;
+pub mod app;
 pub mod check;
 pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod detach;
 pub mod engine;
+pub mod logging;
 pub mod metrics;
 pub mod process;
 pub mod redact;

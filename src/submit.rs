@@ -69,16 +69,7 @@ pub fn submit(cfg: &Config, inputs: &[PathBuf], wait: bool) -> anyhow::Result<u8
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "tasks".into())
         };
-        let stem: String = stem
-            .chars()
-            .map(|c| {
-                if c.is_alphanumeric() || matches!(c, '-' | '_') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let stem = crate::util::safe_name(&stem, 100);
         let final_path = pending.join(format!(
             "{}-{}.jsonl",
             stem.trim_start_matches('_'),

@@ -5,7 +5,46 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
-/// "not found" rather than "No such file or directory (os error 2)".
+/// A name made safe for a file name: letters and digits (any script),
+/// `-`, `_` and `.` are kept, anything else becomes `_`, a leading `.`
+/// too (no hidden files), and at most `max` characters are kept.
+pub fn safe_name(raw: &str, max: usize) -> String {
+    raw.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.is_alphanumeric() || matches!(c, '-' | '_') || (c == '.' && i > 0) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(max)
+        .collect()
+}
+
+/// Opens our own lock file `path` (never a producer's) and takes an
+/// exclusive lock on it, saying every 30 s while it waits (see
+/// [`lock_noting`]). The error names the file.
+pub fn lock_sidecar(path: &Path, holder: impl Fn() -> Option<String>) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| with_path("open", path, e))?;
+    lock_noting(&f, path, holder).map_err(|e| with_path("lock", path, e))?;
+    Ok(f)
+}
+
+/// `e`, its message saying what was done to which file ("cannot lock
+/// /srv/spool/.ttspool/claim.lock: permission denied"); the kind stays.
+pub fn with_path(action: &str, path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("cannot {action} {}: {}", path.display(), io_msg(&e)),
+    )
+}
+
 /// Takes an exclusive lock on `file` (our sidecar `path`), and while it
 /// waits says so every 30 s, naming the holder when `holder` can tell,
 /// instead of hanging silently behind a daemon that stalled holding it.
@@ -46,6 +85,10 @@ pub fn lock_noting(
 /// True for "no space left" and "quota exceeded": the disk is full for us.
 pub fn is_disk_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
 }
 
 /// Bytes free for us on the file system that holds `path`.

@@ -86,6 +86,9 @@ pub enum ClaimError {
     NotAFolder(PathBuf),
     #[error("the claim lock {} did not keep another daemon out (its owner token changed while we held it): locks on this spool do not work across hosts or mounts; stopping so that no line runs twice (see `ttspool check`)", .0.display())]
     LockBroken(PathBuf),
+    /// An error that already names its file and action.
+    #[error("{0}")]
+    Sidecar(io::Error),
     #[error("cannot {action} {}: {}", .path.display(), crate::util::io_msg(.source))]
     Io {
         action: &'static str,
@@ -109,7 +112,12 @@ pub struct ForeignDaemon {
 impl ClaimError {
     /// The disk (or our quota) is full: a pause, not a failure.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, ClaimError::Io { source, .. } if crate::util::is_disk_full(source))
+        match self {
+            ClaimError::Io { source, .. } | ClaimError::Sidecar(source) => {
+                crate::util::is_disk_full(source)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -153,8 +161,11 @@ pub struct Batch {
     pub lines: Vec<Claimed>,
     /// Some file has a final line without `\n` that has not settled yet.
     pub waiting: bool,
-    /// Files moved to `pending/.consumed/`.
-    pub consumed: Vec<String>,
+    /// Files moved to `pending/.consumed/`, with their totals: the daemon
+    /// hands them on (`file.completed`) and then calls
+    /// [`super::consume::announced`]. Also files whose totals were not
+    /// handed on in time (a crash), again.
+    pub finished: Vec<FileDone>,
     /// Consumed files that grew, moved back into `pending/`.
     pub returned: usize,
     /// Some file has more to read than one round reads: claim again soon.
@@ -183,10 +194,6 @@ pub struct FileDone {
     pub failed: u64,
 }
 
-/// Called (under the claim lock) before a consumed file is moved away; an
-/// error keeps the file where it is, to be tried again.
-pub type OnConsume = Box<dyn FnMut(&FileDone) -> io::Result<()> + Send>;
-
 /// A file in `pending/`, matched with its sidecar (ident.rs), open.
 pub(super) struct Found {
     pub entry: Entry,
@@ -202,7 +209,6 @@ pub(super) struct Found {
 const ROUND_BYTES: u64 = 8 << 20;
 
 pub struct Claimer {
-    pub(super) on_consume: Option<OnConsume>,
     pub(super) spool: Spool,
     pub(super) log: RecordLog,
     instance: String,
@@ -286,7 +292,6 @@ impl Claimer {
             .map_err(io_err("open", &alive_path))?;
         let here = Where::here(&spool.root, None).map_err(io_err("stat", &spool.root))?;
         let mut c = Claimer {
-            on_consume: None,
             log: RecordLog::new(spool),
             spool: spool.clone(),
             instance: instance.into(),
@@ -405,11 +410,6 @@ impl Claimer {
     pub fn set_consume(&mut self, consume_after: Duration, follow_every: Duration) {
         self.consume_after = consume_after;
         self.follow_every = follow_every;
-    }
-
-    /// Sets what happens when a file is fully recorded (the webhook).
-    pub fn on_consume(&mut self, f: OnConsume) {
-        self.on_consume = Some(f);
     }
 
     /// Instances (other than us) whose beat counter stood still for the lease.
@@ -898,7 +898,7 @@ impl Claimer {
         let file_id = doc.file_id();
         let mut recorded = HashSet::new();
         {
-            let _g = self.log.lock().map_err(io_err("lock", &self.log.lock))?;
+            let _g = self.log.lock().map_err(ClaimError::Sidecar)?;
             self.log
                 .read_since(doc.pos, |r, _, _| {
                     if r.file_id == file_id {
@@ -1100,20 +1100,13 @@ impl<'a> LeaseOwner<'a> {
 
 /// Opens and locks one of our sidecar lock files (never a producer's file).
 fn lock_file(p: &Path) -> Result<File, ClaimError> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .map_err(io_err("open", p))?;
     let owner = p.with_file_name("claim.owner");
-    crate::util::lock_noting(&f, p, || {
+    crate::util::lock_sidecar(p, || {
         fs::read_to_string(&owner)
             .ok()
             .map(|t| t.trim().to_string())
     })
-    .map_err(io_err("lock", p))?;
-    Ok(f)
+    .map_err(ClaimError::Sidecar)
 }
 
 /// The claim lock, held, with its canary: a token of ours in `claim.owner`

@@ -14,6 +14,14 @@
 //! Each move is crash-safe: the ident notes where the file goes before it
 //! moves, and a sidecar found on the wrong side is put right (claim.rs's
 //! takeover pass, and [`Claimer::identify`] for a move that did not happen).
+//!
+//! Data flows one way: the spool does not call the webhook layer. A
+//! consumed file's totals go out in the claim's [`Batch::finished`]; the
+//! daemon hands them on (the `file.completed` webhook, written to the
+//! outbox) and then calls [`announced`]. Until then the ident says
+//! `announce`, and a followed file still saying so after
+//! [`ANNOUNCE_AGAIN`] (its daemon died in between) is handed out again —
+//! with the same message id, so receivers see one event.
 
 use std::ffi::OsString;
 use std::fs;
@@ -24,12 +32,34 @@ use std::time::{Duration, Instant, SystemTime};
 use super::claim::{io_err, Batch, ClaimError, Claimer, FileDone, Found};
 use super::ident::{self, Consumed};
 use super::lines::{LineReader, Next};
-use super::sidecar::{has_leases, read_cursor, write_ident};
+use super::sidecar::{has_leases, read_cursor, write_ident, Cursor};
+use super::Spool;
 use crate::util::fsync_dir;
 use crate::vocab::FileId;
 
 /// Growth checks of a followed file are at most this far apart.
 const FOLLOW_MAX: Duration = Duration::from_secs(3600);
+
+/// A consumed file's totals not handed on after this long are handed out
+/// again.
+pub const ANNOUNCE_AGAIN: Duration = Duration::from_secs(300);
+
+/// The daemon has handed on a consumed file's totals (see the module doc).
+pub fn announced(spool: &Spool, key: &str) -> Result<(), ClaimError> {
+    for dir in [spool.followed().join(key), spool.files().join(key)] {
+        if let Some(mut id) = ident::read(&dir).filter(|id| id.announce) {
+            id.announce = false;
+            return match write_ident(&dir, &id) {
+                // Moved meanwhile (a follow pass): the other place is tried.
+                Err(ClaimError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    continue;
+                }
+                other => other,
+            };
+        }
+    }
+    Ok(())
+}
 
 impl Claimer {
     /// Moves a fully claimed, idle file whose leases are all gone (every
@@ -66,21 +96,16 @@ impl Claimer {
         let Some(mut id) = ident::read(&f.dir) else {
             return Ok(()); // identify wrote it; gone means another daemon acted
         };
+        let done = self.file_done(&f.key, shown, &f.cursor)?;
         id.consumed = Some(Consumed::new(&target, unix_now()));
+        id.announce = true;
         write_ident(&f.dir, &id)?;
-        if let Some(mut hook) = self.on_consume.take() {
-            let res = self
-                .file_done(f)
-                .and_then(|done| hook(&done).map_err(io_err("announce the end of", &path)));
-            self.on_consume = Some(hook);
-            res?;
-        }
         fs::rename(&path, consumed.join(&target)).map_err(io_err("move consumed file", &path))?;
         let _ = fsync_dir(&self.spool.pending());
         let _ = fsync_dir(&consumed);
         self.park(&f.key, &f.dir)?;
         self.seen.remove(&f.key);
-        batch.consumed.push(shown);
+        batch.finished.push(done);
         Ok(())
     }
 
@@ -158,10 +183,15 @@ impl Claimer {
                 }
             };
             let cur = read_cursor(&dir.join("cursor"))?;
+            let age = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(moved.at))
+                .unwrap_or_default();
+            if id.announce && age >= ANNOUNCE_AGAIN {
+                // Its daemon died before handing the totals on.
+                let done = self.file_done(&key, id.name.clone(), &cur)?;
+                batch.finished.push(done);
+            }
             if md.len() == cur.offset {
-                let age = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(moved.at))
-                    .unwrap_or_default();
                 // No poll interval (tests, the model): look every time.
                 let wait = if self.follow_every.is_zero() {
                     Duration::ZERO
@@ -242,17 +272,17 @@ impl Claimer {
     }
 
     /// Counts the records of a file (all its generations).
-    fn file_done(&self, f: &Found) -> Result<FileDone, ClaimError> {
+    fn file_done(&self, key: &str, file: String, cursor: &Cursor) -> Result<FileDone, ClaimError> {
         let mut done = FileDone {
-            file: f.entry.shown(),
-            file_id: FileId::new(&f.key, f.cursor.gen),
+            file,
+            file_id: FileId::new(key, cursor.gen),
             completed: 0,
             skipped: 0,
             failed: 0,
         };
         self.log
-            .read_since(f.cursor.since.unwrap_or_default(), |r, _, _| {
-                if r.file_id.key == f.key {
+            .read_since(cursor.since.unwrap_or_default(), |r, _, _| {
+                if r.file_id.key == key {
                     match r.status.as_str() {
                         "completed" => done.completed += 1,
                         "skipped" => done.skipped += 1,

@@ -56,6 +56,10 @@ pub struct Ident {
     /// name there), and while it is followed there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumed: Option<Consumed>,
+    /// The file was consumed and its `file.done` not yet handed on (see
+    /// consume.rs): set with `consumed`, cleared by [`super::consume::announced`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announce: bool,
 }
 
 /// Where a consumed file went, and when.
@@ -122,6 +126,7 @@ impl Probe {
             head: digest(&self.head),
             head_len: self.head.len() as u64,
             consumed: None,
+            announce: false,
         }
     }
 }
@@ -211,18 +216,7 @@ pub fn assign(
 
 /// A new sidecar key for a file named `name`: readable, and never reused.
 pub fn new_key(name: &OsStr) -> String {
-    let safe: String = name
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(40)
-        .collect();
+    let safe = crate::util::safe_name(&name.to_string_lossy(), 40);
     format!("{safe}.{}", ulid::Ulid::new())
 }
 
@@ -239,6 +233,7 @@ pub fn legacy(key: &str, mount: &str) -> Option<Ident> {
         head: digest(b""),
         head_len: 0,
         consumed: None,
+        announce: false,
     })
 }
 

@@ -17,7 +17,7 @@
 //! read, and renamed into `.consumed/` once every line has its record.
 
 pub mod claim;
-mod consume;
+pub mod consume;
 pub mod heartbeat;
 pub mod ident;
 pub mod lease;

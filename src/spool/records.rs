@@ -179,13 +179,7 @@ impl RecordLog {
     /// Takes the append lock; records written while it is held are not
     /// interleaved with another daemon's.
     pub fn lock(&self) -> io::Result<File> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock)?;
-        crate::util::lock_noting(&f, &self.lock, || None)?;
-        Ok(f)
+        crate::util::lock_sidecar(&self.lock, || None)
     }
 
     /// Appends lines (each ending in `\n`) to the log and fsyncs it. The

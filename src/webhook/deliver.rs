@@ -559,12 +559,7 @@ fn append_outcomes(
     if lines.is_empty() {
         return Ok(());
     }
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(spool.state().join("webhooks.lock"))?;
-    lock.lock()?;
+    let _lock = crate::util::lock_sidecar(&spool.state().join("webhooks.lock"), || None)?;
     if let Some(max) = rotate {
         if std::fs::metadata(log).is_ok_and(|m| m.len() > max) {
             let to = spool.root.join(format!(
@@ -598,6 +593,26 @@ pub fn webhooks_logs(spool: &Spool) -> Vec<PathBuf> {
 
 /// `ttspool webhook replay`: sends dead (or given) messages again, once
 /// each, with their original `webhook-id`. Returns (delivered, not).
+/// `ttspool webhook replay`: sends again what is in the outbox (or, with
+/// `dead`, what was given up on); exit 1 if any message was not delivered.
+pub fn replay_command(
+    hooks: &Settings,
+    spool_dir: &std::path::Path,
+    dead: bool,
+    ids: &[String],
+) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let spool = Spool::new(spool_dir);
+    let (ok, bad) = rt.block_on(replay(hooks, &spool, dead, ids))?;
+    println!(
+        "replayed {} message(s): {ok} delivered, {bad} not",
+        ok + bad
+    );
+    Ok(if bad == 0 { 0 } else { 1 })
+}
+
 pub async fn replay(
     s: &Settings,
     spool: &Spool,
