@@ -1,34 +1,40 @@
 //! ttspool: a spool daemon that turns JSONL task files into speech.
 //!
-//! Data flows one way — spool → scheduler → engine → records → webhook — and each stage
-//! has its module:
+//! Data flows one way — spool → task → scheduler → engine → records →
+//! webhook — and a module imports only modules of lower layers (the order
+//! is in `tests/house.rs`; ARCHITECTURE.md explains it, with the threads
+//! and the on-disk layout):
 //!
-//! - [`config`]: the typed TOML config, defaults and validation; [`template`]:
-//!   the placeholders of `engine.argv`, parsed once and filled in one pass.
-//! - [`task`]: one task line: parsing, aliases, validation, output paths;
-//!   [`redact`]: URLs as records and logs may show them.
+//! - [`vocab`]: what every stage shares: task, job, slot, record, error
+//!   kind, source, [`vocab::FileId`], the webhook event names.
+//! - [`util`], [`logging`], [`cli`], [`redact`], [`cidr`], [`template`],
+//!   [`detach`]: helpers that know nothing of the pipeline (durable writes,
+//!   locking our own files, the log, the command line, URLs as records show
+//!   them, address ranges, `engine.argv` placeholders, `--daemonize`).
+//! - [`config`]: the typed TOML config, defaults and validation.
+//! - [`metrics`]: the Prometheus counters every stage updates.
 //! - [`spool`]: the spool on disk: scanning and watching `pending/`
-//!   ([`spool::scan`], [`spool::watch`]), reading lines ([`spool::lines`]),
-//!   claims, leases and fencing shared by several daemons ([`spool::claim`],
-//!   [`spool::lease`]), heartbeats and liveness ([`spool::heartbeat`]),
-//!   whether the mount's locks reach other hosts ([`spool::locks`]), and the
-//!   record logs ([`spool::records`]).
-//! - [`scheduler`]: slots per GPU, the queue, retry backoff.
+//!   ([`spool::scan`], [`spool::watch`]), which file is which
+//!   ([`spool::ident`]), reading lines ([`spool::lines`]), claims and leases
+//!   shared by several daemons ([`spool::claim`], [`spool::sidecar`],
+//!   [`spool::lease`]), consumed files and late appends
+//!   ([`spool::consume`]), heartbeats ([`spool::heartbeat`]), whether locks
+//!   reach other hosts ([`spool::locks`]), and the record logs
+//!   ([`spool::records`]).
+//! - [`task`]: one task line: parsing, aliases, validation, output paths.
+//! - [`retention`]: deleting old consumed files.
+//! - [`scheduler`]: slots per GPU, the queue, retry backoff;
+//!   [`process`]: children in their own process group, started on a
+//!   spawner thread, an allow-listed environment, timeouts, kills.
 //! - [`engine`]: what runs the TTS: the `command` engine, the GLM-TTS batch
 //!   engine, and the sweep of what killed runs leave ([`engine::sweep`]).
-//! - [`process`]: children in their own process group, started by `clone` with
-//!   a death signal on a spawner thread of their own (`process/spawn.rs`), an
-//!   allow-listed environment, timeouts, kills.
 //! - [`webhook`]: signed webhooks: the outbox written with the records,
 //!   delivery with retries, name lookups on their own threads, the SSRF guard.
 //! - [`api`]: the HTTP server (axum on hyper): `/metrics` today.
-//! - [`daemon`]: the event loop that wires them, signals and shutdown.
-//! - [`submit`], [`check`], [`status`], [`requeue`]: the other commands.
-//!
-//! Threads: the event loop (one current-thread runtime), the record
-//! committer, the heartbeat, the spawner and reaper, the sweep, the DNS
-//! lookup pool, and tokio's blocking pool for claims, takeovers and lease
-//! deletions.
+//! - [`daemon`]: the event loop that wires the stages, signals and shutdown;
+//!   [`submit`], [`check`], [`status`], [`requeue`]: the other commands.
+//! - [`app`]: what the binary runs; `main.rs` only maps its result to an
+//!   exit code.
 
 pub mod api;
 pub mod app;

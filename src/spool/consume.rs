@@ -13,7 +13,7 @@
 //!
 //! Each move is crash-safe: the ident notes where the file goes before it
 //! moves, and a sidecar found on the wrong side is put right (claim.rs's
-//! takeover pass, and [`Claimer::identify`] for a move that did not happen).
+//! takeover pass, and `Claimer::identify` for a move that did not happen).
 //!
 //! Data flows one way: the spool does not call the webhook layer. A
 //! consumed file's totals go out in the claim's [`Batch::finished`]; the

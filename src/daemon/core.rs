@@ -1,97 +1,48 @@
-//! The wiring: one event loop that connects the spool, the scheduler, the
-//! engine and the record logs.
+//! The daemon's decisions, without I/O: a state machine.
 //!
-//! Everything that happens — a notification, a poll tick, a claim coming back
-//! from the blocking pool, a child finishing, a record becoming durable, a
-//! signal — becomes an [`Event`] handled by [`Daemon::handle`], followed by
-//! [`Daemon::pump`], which starts what can start. Disk work that fsyncs
-//! (claims, takeovers, checking and moving outputs) runs on the blocking
-//! pool; record appends run on the committer thread, which groups whatever is
-//! ready into one write and one fsync per log (and, while records stream in,
-//! waits up to 2 ms for companions). Children are spawned only from the
-//! runtime's main thread (see process/ for why). A slot is free again as soon
-//! as its children are gone, before their outputs are checked and moved.
+//! Everything that happens — a hint that `pending/` changed, a poll tick, a
+//! claim coming back, a batch finishing, records becoming durable, a
+//! signal — is an [`Event`] given to [`Core::handle`]; [`Core::pump`] then
+//! starts what can start. Neither touches a file, a socket or a timer:
+//! what is to be done is queued as [`Effect`]s, which the shell
+//! (shell.rs) carries out and whose results come back as events. What the
+//! core needs to know of the world (does this output exist, how old is our
+//! heartbeat, how much space is free, what time is it) it asks a [`World`],
+//! which a test fakes — so every decision here runs in a unit test, without
+//! processes.
 //!
-//! Finishing a task is one place, [`Daemon::commit`]: the record goes to the
-//! committer. When the committer reports it durable, the line is removed from
-//! its lease, and an exhausted lease is deleted.
+//! Finishing a task is one place, [`Core::commit`]: the record goes to the
+//! committer. When the committer reports it durable (or fenced: the lease
+//! is another daemon's now), the line is settled in the lease book, and an
+//! exhausted lease is deleted, compare-and-delete by token.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use super::{fence_margin, Options, Sig};
 use crate::config::Config;
-use crate::engine::{self, Engine, Job, Outcome, Slot, SlotRelease};
+use crate::engine::{self, Engine, Job, Outcome, Slot};
 use crate::metrics::Metrics;
 use crate::scheduler::{backoff, ClaimRef, Next, Scheduler, Work};
 use crate::spool::claim::{
-    self, Batch, ClaimError, Claimed, Claimer, CommitOutcome, FileDone, Held, HeldSet, LeaseChange,
-    LeaseOwner,
+    Batch, ClaimError, Claimed, CommitOutcome, FileDone, Held, HeldSet, LeaseChange,
 };
-use crate::spool::heartbeat::Heartbeat;
 use crate::spool::lease::{LeaseBook, Settled};
 use crate::spool::lines::{Line, RAW_KEEP};
-use crate::spool::records::RecordLog;
-use crate::spool::{watch as spool_watch, Spool};
 use crate::task::{self, parse_line, TaskRules};
 use crate::util::{cut, now_rfc3339};
 use crate::vocab::{Common, ErrorKind, Record, Source};
-use crate::webhook::deliver;
-use crate::webhook::outbox::Outbox;
 use crate::webhook::Settings;
-
-/// How often we beat: often enough that our beat is never older than a
-/// quarter of the lease while we run (a beat is a 64-byte overwrite).
-fn beat_interval(lease: Duration) -> Duration {
-    (lease / 8).max(Duration::from_millis(100))
-}
-
-/// How often we look for abandoned claims (a scan of the spool's leases).
-fn takeover_interval(lease: Duration) -> Duration {
-    (lease / 4).max(Duration::from_millis(250))
-}
-
-/// A daemon whose last beat is older than `lease − margin` may be judged
-/// dead soon (or was): it stops claiming and starting until its beat is
-/// fresh and its leases are checked.
-fn fence_margin(lease: Duration) -> Duration {
-    lease / 4
-}
 
 /// The most lines one claim takes when claims bring no engine work.
 const MAX_BURST: usize = 1024;
 
-/// Signals the daemon reacts to (injected, so tests need no real handlers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sig {
-    /// SIGTERM / SIGINT: staged stop; the second one kills children at once.
-    Stop,
-    /// SIGHUP.
-    Reload,
-}
-
-/// Changes the log filter (on reload).
-pub use crate::logging::SetLogLevel;
-
-pub struct Options {
-    /// Drain what is pending now, then exit.
-    pub once: bool,
-    pub set_level: SetLogLevel,
-}
-
-/// A record on its way to disk, with the lease it settles.
-struct Commit {
-    record: Record,
-    lease: PathBuf,
-    token: String,
-    line: u64,
-}
-
-enum Event {
+/// What happened.
+pub enum Event {
     Hint,
     Tick,
     Beat,
@@ -125,6 +76,8 @@ enum Event {
     /// Consumed files' totals handed on (or why not: they are handed out
     /// again later).
     Announced(Result<(), String>),
+    /// Webhooks are being delivered or due soon (`--once` waits for them).
+    WebhooksBusy(bool),
     /// Work on the blocking pool panicked.
     Crashed(String),
     Signal(Sig),
@@ -132,20 +85,136 @@ enum Event {
     Reloaded(Box<Result<(Config, Settings), String>>),
 }
 
-pub struct Daemon {
+/// What the shell is asked to do.
+pub enum Effect {
+    /// Claim up to `want` lines (answer: [`Event::Claimed`]).
+    Claim { want: usize },
+    /// Take over abandoned leases, and the housekeeping that goes with it
+    /// (answer: [`Event::TakenOver`]).
+    TakeOver(Housekeeping),
+    /// Run a batch (answers: [`Event::SlotFree`], [`Event::Finished`]).
+    Start(Start),
+    /// Tell a running batch to stop.
+    Cancel(u64),
+    /// Write a record (answer: [`Event::Committed`] with others).
+    Commit(Box<Commit>),
+    /// Delete a finished lease if it still carries `token` (answer:
+    /// [`Event::LeaseDeleted`]).
+    DeleteLease { lease: PathBuf, token: String },
+    /// Which of these leases still carry our token? (answer:
+    /// [`Event::LeasesChecked`] with those that do not).
+    CheckLeases(Vec<(PathBuf, String)>),
+    /// Hand on consumed files' totals (answer: [`Event::Announced`]).
+    Announce(Vec<FileDone>),
+    /// Load the config again (answer: [`Event::Reloaded`]).
+    Reload(PathBuf),
+    /// New webhook settings (after a reload).
+    Settings(Arc<Settings>),
+    /// Deliver `Event` at `Instant`.
+    Timer(Instant, Event),
+    /// Tell systemd.
+    Notify(Notify),
+}
+
+/// What is done along with a takeover, every `spool.lease / 4`.
+#[derive(Debug, Clone)]
+pub struct Housekeeping {
+    pub max_line_bytes: usize,
+    pub textfile: Option<PathBuf>,
+    /// Delete consumed files older than this.
+    pub retention: Option<Duration>,
+}
+
+impl std::fmt::Debug for Effect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Effect::Claim { want } => write!(f, "Claim({want})"),
+            Effect::TakeOver(_) => write!(f, "TakeOver"),
+            Effect::Start(s) => write!(f, "Start(batch {}, {} work(s))", s.batch_id, s.works.len()),
+            Effect::Cancel(id) => write!(f, "Cancel({id})"),
+            Effect::Commit(c) => write!(
+                f,
+                "Commit({} {}:{})",
+                c.record.status(),
+                c.lease.display(),
+                c.line
+            ),
+            Effect::DeleteLease { lease, .. } => write!(f, "DeleteLease({})", lease.display()),
+            Effect::CheckLeases(l) => write!(f, "CheckLeases({})", l.len()),
+            Effect::Announce(files) => write!(f, "Announce({})", files.len()),
+            Effect::Reload(p) => write!(f, "Reload({})", p.display()),
+            Effect::Settings(_) => write!(f, "Settings"),
+            Effect::Timer(_, _) => write!(f, "Timer"),
+            Effect::Notify(n) => write!(f, "Notify({n:?})"),
+        }
+    }
+}
+
+/// A batch to run.
+pub struct Start {
+    pub batch_id: u64,
+    pub slot: Slot,
+    pub works: Vec<Work>,
+    pub started_at: String,
+    pub engine: Arc<Engine>,
+    /// Stopped before it starts (shutdown).
+    pub cancelled: bool,
+}
+
+/// A record on its way to disk, with the lease it settles.
+#[derive(Debug)]
+pub struct Commit {
+    pub record: Record,
+    pub lease: PathBuf,
+    pub token: String,
+    pub line: u64,
+}
+
+/// What systemd is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    Ready,
+    Stopping,
+    Reloading,
+}
+
+/// Our heartbeat, as the core sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Beat {
+    /// Since our last successful beat.
+    pub age: Duration,
+    /// Times our beats were late so far.
+    pub stale_episodes: u64,
+    /// How often we beat.
+    pub every: Duration,
+    /// Our instance lock is gone (the spool was replaced): why.
+    pub lock_lost: Option<String>,
+}
+
+/// What the core asks of the world.
+pub trait World: Send {
+    fn now(&self) -> Instant;
+    fn output_exists(&self, path: &Path) -> bool;
+    /// Bytes free on the spool's file system.
+    fn free_bytes(&self) -> Option<u64>;
+    fn beat(&self) -> Beat;
+}
+
+/// The daemon's state.
+pub struct Core {
     cfg: Config,
     opts: Options,
     rules: TaskRules,
     engine: Arc<Engine>,
-    claimer: Arc<Mutex<Claimer>>,
+    world: Box<dyn World>,
+    fx: Vec<Effect>,
+    /// Leases this process holds, shared with the claimer.
     held: HeldSet,
     sched: Scheduler,
-    tx: mpsc::UnboundedSender<Event>,
-    commit_tx: std::sync::mpsc::Sender<Commit>,
     /// The leases we hold: their token and outstanding lines.
     leases: LeaseBook,
-    /// Running batches: the leases their lines belong to, and their cancel.
-    running: HashMap<u64, (Vec<PathBuf>, watch::Sender<bool>)>,
+    /// Running batches: the leases their lines belong to.
+    running: HashMap<u64, Vec<PathBuf>>,
     next_batch_id: u64,
     /// Every running batch was told to stop (shutdown): later ones too.
     cancelled_all: bool,
@@ -154,7 +223,6 @@ pub struct Daemon {
     claiming: bool,
     /// Webhooks are being delivered or due soon (`--once` waits for them).
     webhooks_busy: bool,
-    webhooks: Webhooks,
     metrics: Arc<Metrics>,
     /// Lines to claim at once when claims yield no engine work (all skipped
     /// or invalid): grows so a backlog of skips is not throttled by per-claim
@@ -164,7 +232,7 @@ pub struct Daemon {
     /// Moving average of engine run time, for how far ahead to claim.
     avg_run_ms: u64,
     /// When a timer will next wake the loop for a waiting batch.
-    wake: Option<std::time::Instant>,
+    wake: Option<Instant>,
     taking_over: bool,
     recovered: bool,
     last_claim_empty: bool,
@@ -173,13 +241,12 @@ pub struct Daemon {
     /// Batches started and not yet finished (their slot may be free already).
     batches: usize,
     uncommitted: usize,
-    /// Finished leases being deleted on the blocking pool.
+    /// Finished leases being deleted.
     deleting: usize,
     stopping: u8,
     fatal: Option<String>,
     /// The last claim error, for `--once`'s verdict.
     last_error: Option<String>,
-    heartbeat: Heartbeat,
     /// Stale episodes of our heartbeat already dealt with.
     stale_seen: u64,
     /// Our beat was late: nothing is claimed or started until our leases
@@ -191,10 +258,10 @@ pub struct Daemon {
 
 /// Claims paused for lack of space.
 struct DiskFull {
-    since: std::time::Instant,
-    next_claim: std::time::Instant,
+    since: Instant,
+    next_claim: Instant,
     wait: Duration,
-    logged: Option<std::time::Instant>,
+    logged: Option<Instant>,
     /// Bytes the failed writes needed, at least.
     needed: u64,
 }
@@ -210,254 +277,82 @@ enum Fencing {
     Checking,
 }
 
-/// `ttspool run`: the runtime, the signal plumbing, and [`run`] on it.
-pub fn run_blocking(cfg: Config, once: bool, set_level: SetLogLevel) -> anyhow::Result<u8> {
-    // One thread: children are spawned from the main thread, which lives as
-    // long as the daemon, so PR_SET_PDEATHSIG fires only when the daemon dies.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(4)
-        .build()?;
-    rt.block_on(async move {
-        let (tx, rx) = mpsc::unbounded_channel();
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        tokio::spawn(async move {
-            loop {
-                let s = tokio::select! {
-                    _ = term.recv() => Sig::Stop,
-                    _ = int.recv() => Sig::Stop,
-                    _ = hup.recv() => Sig::Reload,
-                };
-                if tx.send(s).is_err() {
-                    break;
-                }
-            }
-        });
-        run(cfg, Options { once, set_level }, rx).await
-    })?;
-    Ok(0)
-}
+impl Core {
+    pub fn new(
+        cfg: Config,
+        opts: Options,
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        held: HeldSet,
+        world: Box<dyn World>,
+    ) -> Core {
+        Core {
+            rules: TaskRules::from_config(&cfg),
+            sched: Scheduler::new(engine::slots(&cfg)),
+            instance: cfg.spool.instance.clone(),
+            engine,
+            world,
+            fx: Vec::new(),
+            held,
+            running: HashMap::new(),
+            next_batch_id: 0,
+            cancelled_all: false,
+            deleting: 0,
+            leases: LeaseBook::default(),
+            dirty: true,
+            claiming: false,
+            webhooks_busy: false,
+            metrics,
+            burst: 0,
+            avg_run_ms: 1000,
+            wake: None,
+            taking_over: false,
+            recovered: false,
+            last_claim_empty: false,
+            waiting_partial: false,
+            retries: 0,
+            batches: 0,
+            uncommitted: 0,
+            stopping: 0,
+            fatal: None,
+            last_error: None,
+            stale_seen: 0,
+            fenced: Fencing::Clear,
+            disk_full: None,
+            opts,
+            cfg,
+        }
+    }
 
-/// Runs the daemon until it is told to stop (or, with `once`, runs dry).
-pub async fn run(
-    cfg: Config,
-    opts: Options,
-    mut signals: mpsc::UnboundedReceiver<Sig>,
-) -> anyhow::Result<()> {
-    // Temp files of this instance named before this instant are leftovers.
-    let started_at = std::time::SystemTime::now();
-    let spool = Spool::new(&cfg.spool.dir);
-    let settings = Arc::new(
-        Settings::from_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?,
-    );
-    let mut claimer = Claimer::open(
-        &spool,
-        &cfg.spool.instance,
-        cfg.limits.max_line_bytes,
-        cfg.spool.settle.0,
-        cfg.spool.lease.0,
-    )?;
-    claimer.set_consume(cfg.spool.consume_after.0, cfg.spool.poll_interval.0);
-    // We hold the instance lock: whatever our previous run left is orphaned.
-    let orphans = crate::process::kill_orphans(&cfg.spool.dir, &cfg.spool.instance);
-    if orphans > 0 {
-        warn!(
-            killed = orphans,
-            "killed processes left behind by a previous run of this instance"
-        );
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
     }
-    std::fs::create_dir_all(&cfg.output.dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create output.dir {}: {}",
-            cfg.output.dir.display(),
-            crate::util::io_msg(&e)
-        )
-    })?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (commit_tx, commit_rx) = std::sync::mpsc::channel();
-    let log = RecordLog::new(&spool).with_rotation(
-        cfg.retention.rotate_size.map(|s| s.0),
-        cfg.retention.rotate_daily,
-    );
-    // The outbox: settle what a crash left, then deliver what is in it.
-    let outbox = Arc::new(Outbox::open(&spool, &cfg.spool.instance)?);
-    let recovered = outbox.recover(&log)?;
-    if recovered > 0 {
-        info!(
-            messages = recovered,
-            "recovered webhook messages written before a crash"
-        );
-    }
-    let metrics = Arc::new(Metrics::default());
-    metrics.set_slots(&engine::slots(&cfg));
-    if let Some(addr) = &cfg.metrics.listen {
-        let addr: std::net::SocketAddr = addr.parse()?;
-        crate::api::serve(addr, crate::api::metrics_routes(metrics.clone()))
-            .await
-            .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {}", crate::util::io_msg(&e)))?;
-        metrics
-            .served
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        info!(%addr, "serving Prometheus metrics on /metrics");
-    }
-    let hooks = deliver::spawn(
-        settings.clone(),
-        spool.clone(),
-        outbox.clone(),
-        cfg.spool.instance.clone(),
-        cfg.shutdown.grace.0,
-        metrics.clone(),
-    );
-    let webhooks = Webhooks {
-        settings: Arc::new(std::sync::RwLock::new(settings.clone())),
-        outbox: outbox.clone(),
-        tx: hooks.tx.clone(),
-        spool_root: spool.root.clone(),
-    };
-    let ctx = tx.clone();
-    let w3 = webhooks.clone();
-    std::thread::Builder::new()
-        .name("ttspool-records".into())
-        .spawn({
-            let once = opts.once;
-            move || committer(log, commit_rx, ctx, w3, once)
-        })?;
-    let mut wh_busy = hooks.busy;
-    let htx = tx.clone();
-    let hints = spool_watch::watch(&spool.pending(), cfg.spool.watch, move || {
-        let _ = htx.send(Event::Hint);
-    });
-    info!(
-        instance = %cfg.spool.instance,
-        spool = %spool.root.display(),
-        watch = hints.mode,
-        slots = cfg.slot_count(),
-        engine = ?cfg.engine.kind,
-        "ttspool started"
-    );
-    for w in cfg.warnings() {
-        warn!("{w}");
-    }
-    crate::engine::sweep::start(crate::engine::sweep::Sweeper::new(&cfg, started_at));
-    // Beats come from a thread of their own from now on.
-    let lease = cfg.spool.lease.0;
-    let heartbeat = claimer
-        .start_heartbeat(beat_interval(lease), lease - fence_margin(lease))
-        .map_err(|e| anyhow::anyhow!("cannot start the heartbeat thread: {e}"))?;
-    let held = claimer.held();
-    let mut d = Daemon {
-        rules: TaskRules::from_config(&cfg),
-        engine: Arc::new(Engine::from_config(&cfg)),
-        sched: Scheduler::new(engine::slots(&cfg)),
-        instance: cfg.spool.instance.clone(),
-        claimer: Arc::new(Mutex::new(claimer)),
-        held,
-        tx,
-        commit_tx,
-        running: HashMap::new(),
-        next_batch_id: 0,
-        cancelled_all: false,
-        deleting: 0,
-        leases: LeaseBook::default(),
-        dirty: true,
-        claiming: false,
-        webhooks_busy: false,
-        webhooks,
-        metrics,
-        burst: 0,
-        avg_run_ms: 1000,
-        wake: None,
-        taking_over: false,
-        recovered: false,
-        last_claim_empty: false,
-        waiting_partial: false,
-        retries: 0,
-        batches: 0,
-        uncommitted: 0,
-        stopping: 0,
-        fatal: None,
-        last_error: None,
-        heartbeat,
-        stale_seen: 0,
-        fenced: Fencing::Clear,
-        disk_full: None,
-        opts,
-        cfg,
-    };
-    let mut poll = tokio::time::interval(d.cfg.spool.poll_interval.0);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let beat_every = takeover_interval(d.cfg.spool.lease.0);
-    let mut beat = tokio::time::interval(beat_every);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // systemd's watchdog is pinged from this loop, so a wedged loop gets
-    // the daemon restarted.
-    let watchdog = sd_notify::watchdog_enabled();
-    let mut dog = tokio::time::interval(
-        watchdog
-            .map(|w| w / 2)
-            .unwrap_or(Duration::from_secs(3600))
-            .max(Duration::from_millis(100)),
-    );
-    loop {
-        d.pump();
-        if let Some(f) = d.fatal.take() {
-            if d.opts.once {
-                let left = d.leases.unfinished();
-                anyhow::bail!(
-                    "{f}; run --once leaves at least {left} claimed line(s) without a record"
-                );
-            }
-            anyhow::bail!(f);
-        }
-        if d.done() {
-            break;
-        }
-        let ev = tokio::select! {
-            Some(ev) = rx.recv() => ev,
-            Ok(()) = wh_busy.changed() => {
-                d.webhooks_busy = *wh_busy.borrow();
-                Event::Hint
-            }
-            Some(sig) = signals.recv() => Event::Signal(sig),
-            _ = poll.tick() => Event::Tick,
-            _ = beat.tick() => Event::Beat,
-            _ = dog.tick(), if watchdog.is_some() => {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                continue;
-            }
-        };
-        d.handle(ev);
-    }
-    let unfinished = d.leases.unfinished();
-    d.hand_back_all();
-    drop(hints);
-    info!(instance = %d.instance, "ttspool stopped");
-    if d.opts.once && d.stopping == 0 {
-        // `--once` promises to drain: say so when it did not.
-        let unclaimed = claim::summary(&spool, d.cfg.limits.max_line_bytes)
-            .map(|s| s.pending_lines)
-            .unwrap_or(0);
-        if unfinished + unclaimed > 0 {
-            let why = d
-                .last_error
-                .as_deref()
-                .map(|e| format!("; last error: {e}"))
-                .unwrap_or_default();
-            anyhow::bail!(
-                "run --once left {} complete line(s) without a record: {unfinished} claimed and \
-                 handed back unfinished, {unclaimed} not claimed{why}",
-                unfinished + unclaimed
-            );
-        }
-    }
-    Ok(())
-}
 
-impl Daemon {
-    fn handle(&mut self, ev: Event) {
+    /// Why the daemon must stop, once.
+    pub fn take_fatal(&mut self) -> Option<String> {
+        self.fatal.take()
+    }
+
+    /// Claimed lines without a record yet.
+    pub fn unfinished(&self) -> u64 {
+        self.leases.unfinished()
+    }
+
+    pub fn once(&self) -> bool {
+        self.opts.once
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping > 0
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// Decides what an event means; what to do about it is queued as
+    /// effects ([`Core::take_effects`]).
+    pub fn handle(&mut self, ev: Event) {
         match ev {
             Event::Hint | Event::Tick => self.dirty = true,
             Event::Beat => self.start_takeover(),
@@ -482,7 +377,7 @@ impl Daemon {
                 if !self.recovered {
                     // The spool is open and our previous run's claims are
                     // back in hand: now systemd may call us started.
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                    self.fx.push(Effect::Notify(Notify::Ready));
                 }
                 self.recovered = true;
                 match res {
@@ -607,53 +502,36 @@ impl Daemon {
             }
             Event::Announced(Err(e)) => warn!("{e}; it is sent again in a few minutes"),
             Event::Announced(Ok(())) => {}
+            Event::WebhooksBusy(busy) => self.webhooks_busy = busy,
             Event::Crashed(msg) => {
                 self.fatal = Some(format!("internal error, stopping: {msg}"));
             }
             Event::Signal(Sig::Stop) => {
                 self.stopping += 1;
                 if self.stopping == 1 {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                    self.fx.push(Effect::Notify(Notify::Stopping));
                     info!(
                         running = self.batches,
                         grace = %humantime::format_duration(self.cfg.shutdown.grace.0),
                         "stopping: no new claims; waiting for running tasks"
                     );
-                    let tx = self.tx.clone();
-                    let grace = self.cfg.shutdown.grace.0;
-                    tokio::spawn(async move {
-                        tokio::time::sleep(grace).await;
-                        let _ = tx.send(Event::GraceOver);
-                    });
+                    let at = self.world.now() + self.cfg.shutdown.grace.0;
+                    self.fx.push(Effect::Timer(at, Event::GraceOver));
                 } else {
                     warn!("second stop signal: killing running tasks now");
                     self.cancel_all();
                 }
             }
             Event::Signal(Sig::Reload) => {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                let path = self.cfg.path.clone();
-                self.blocking(
-                    move || {
-                        Box::new(
-                            Config::load(&path)
-                                .map_err(|e| e.to_string())
-                                .and_then(|c| {
-                                    Settings::from_config(&c)
-                                        .map(|s| (c, s))
-                                        .map_err(|e| format!("{}: {e}", path.display()))
-                                }),
-                        )
-                    },
-                    Event::Reloaded,
-                );
+                self.fx.push(Effect::Notify(Notify::Reloading));
+                self.fx.push(Effect::Reload(self.cfg.path.clone()));
             }
             Event::Reloaded(res) => {
                 match *res {
                     Ok((new, settings)) => self.apply_config(new, settings),
                     Err(e) => error!("config reload refused, the running config stays: {e}"),
                 }
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                self.fx.push(Effect::Notify(Notify::Ready));
             }
             Event::GraceOver => {
                 if self.batches > 0 {
@@ -668,7 +546,7 @@ impl Daemon {
     }
 
     /// True when the loop may end.
-    fn done(&self) -> bool {
+    pub fn done(&self) -> bool {
         let idle = self.batches == 0
             && self.uncommitted == 0
             && self.deleting == 0
@@ -693,7 +571,7 @@ impl Daemon {
     }
 
     /// Starts whatever can start: takeover at startup, runs, claims.
-    fn pump(&mut self) {
+    pub fn pump(&mut self) {
         if !self.beat_is_fresh() {
             return;
         }
@@ -715,7 +593,7 @@ impl Daemon {
                 Next::Start(slot, works) => {
                     let mut run = Vec::with_capacity(works.len());
                     for w in works {
-                        if w.job.output.exists() {
+                        if self.world.output_exists(&w.job.output) {
                             self.sched.release_output(&w.job.output);
                             self.skip(w);
                         } else {
@@ -756,12 +634,13 @@ impl Daemon {
             // Try again when the wait is over, or at once when the file
             // system shows room again (statvfs is cheap; a failed claim is
             // not).
-            let room = crate::util::free_bytes(&self.cfg.spool.dir)
+            let room = self
+                .world
+                .free_bytes()
                 .is_some_and(|free| free > full.needed * 2 + 64 * 1024);
-            if std::time::Instant::now() < full.next_claim && !room {
-                let at = full
-                    .next_claim
-                    .min(std::time::Instant::now() + Duration::from_secs(1));
+            let now = self.world.now();
+            if now < full.next_claim && !room {
+                let at = full.next_claim.min(now + Duration::from_secs(1));
                 self.wake_at(at);
                 return;
             }
@@ -769,11 +648,7 @@ impl Daemon {
         if self.dirty && !self.claiming && want > 0 && low {
             self.dirty = false;
             self.claiming = true;
-            let c = self.claimer.clone();
-            self.blocking(
-                move || c.lock().expect("claimer").claim(want),
-                Event::Claimed,
-            );
+            self.fx.push(Effect::Claim { want });
         }
     }
 
@@ -782,100 +657,24 @@ impl Daemon {
             return;
         }
         self.taking_over = true;
-        let c = self.claimer.clone();
-        let w = self.webhooks.clone();
-        let metrics = self.metrics.clone();
-        let max_line = self.cfg.limits.max_line_bytes;
-        let textfile = self.cfg.metrics.textfile.clone();
-        let retention = self.cfg.retention.consumed.map(|d| d.0);
-        let work = move || {
-            refresh_gauges(
-                &Spool::new(&w.spool_root),
-                max_line,
-                &metrics,
-                textfile.as_deref(),
-                retention,
-            );
-            let mut claimer = c.lock().expect("claimer");
-            let res = claimer.take_over();
-            // Webhooks of a dead daemon: adopt its outbox folder.
-            let others = w.outbox.others().unwrap_or_default();
-            let log = RecordLog::new(&Spool::new(&w.spool_root));
-            let mut moved = 0;
-            for dead in claimer.dead_instances(&others) {
-                match w.outbox.adopt(&dead, &log) {
-                    Ok(n) => moved += n,
-                    Err(e) => error!("cannot adopt the webhook outbox of {dead}: {e}"),
-                }
-            }
-            drop(claimer);
-            if moved > 0 {
-                info!(
-                    files = moved,
-                    "adopted webhook messages of a daemon that died"
-                );
-                let _ = w.tx.send(deliver::Cmd::Rescan);
-            }
-            res
-        };
-        self.blocking(work, Event::TakenOver);
+        self.fx.push(Effect::TakeOver(Housekeeping {
+            max_line_bytes: self.cfg.limits.max_line_bytes,
+            textfile: self.cfg.metrics.textfile.clone(),
+            retention: self.cfg.retention.consumed.map(|d| d.0),
+        }));
     }
 
-    /// Runs disk work on the blocking pool and hands its result back as an
-    /// event. A panic there is a bug that may have left the claim state half
-    /// changed: the daemon then stops with an error (under systemd it is
-    /// restarted, and the restart takes its claims back) instead of waiting
-    /// forever for an answer that will not come.
-    fn blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-        event: fn(T) -> Event,
-    ) {
-        let done = tokio::task::spawn_blocking(work);
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let ev = match done.await {
-                Ok(v) => event(v),
-                Err(e) => Event::Crashed(e.to_string()),
-            };
-            let _ = tx.send(ev);
-        });
-    }
-
-    /// Hands on the totals of consumed files (`file.completed`, through
-    /// the outbox), then tells the spool they went out (consume.rs). On
-    /// failure the spool hands them out again later.
-    fn announce(&self, files: Vec<FileDone>) {
-        let w = self.webhooks.clone();
-        let spool = Spool::new(&w.spool_root);
-        self.blocking(
-            move || {
-                let settings = w.settings.read().expect("settings").clone();
-                for f in files {
-                    if let Some(m) = settings.for_file(&f) {
-                        let seg = w.outbox.write(&[m], None).map_err(|e| {
-                            format!(
-                                "cannot write the file.completed webhook of {}: {}",
-                                f.file,
-                                crate::util::io_msg(&e)
-                            )
-                        })?;
-                        let _ = w.tx.send(deliver::Cmd::Segment(seg));
-                    }
-                    crate::spool::consume::announced(&spool, &f.file_id.key)
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            },
-            Event::Announced,
-        );
+    /// Hands on the totals of consumed files (`file.completed`); see
+    /// spool/consume.rs.
+    fn announce(&mut self, files: Vec<FileDone>) {
+        self.fx.push(Effect::Announce(files));
     }
 
     /// A spool write failed for lack of space: claims pause (with a
     /// growing wait between tries) until space returns; running tasks go
     /// on and their records wait in memory. Logged once a minute.
     fn disk_is_full(&mut self, what: &str, needed: u64) {
-        let now = std::time::Instant::now();
+        let now = self.world.now();
         let full = self.disk_full.get_or_insert(DiskFull {
             since: now,
             next_claim: now,
@@ -891,7 +690,9 @@ impl Daemon {
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
         {
             full.logged = Some(now);
-            let free = crate::util::free_bytes(&self.cfg.spool.dir)
+            let free = self
+                .world
+                .free_bytes()
                 .map(|b| format!("{b} bytes free"))
                 .unwrap_or_else(|| "free space unknown".into());
             warn!(
@@ -930,12 +731,8 @@ impl Daemon {
         self.waiting_partial = batch.waiting;
         if batch.waiting {
             // Look again once the partial line may have settled.
-            let tx = self.tx.clone();
-            let settle = self.cfg.spool.settle.0 + Duration::from_millis(50);
-            tokio::spawn(async move {
-                tokio::time::sleep(settle).await;
-                let _ = tx.send(Event::Hint);
-            });
+            let at = self.world.now() + self.cfg.spool.settle.0 + Duration::from_millis(50);
+            self.fx.push(Effect::Timer(at, Event::Hint));
         }
         if !batch.finished.is_empty() {
             for f in &batch.finished {
@@ -1066,7 +863,7 @@ impl Daemon {
             cap: 0,
             queued_at: std::time::Instant::now(),
         };
-        if work.job.output.exists() {
+        if self.world.output_exists(&work.job.output) {
             self.skip(work);
         } else {
             self.sched.push(work);
@@ -1139,9 +936,7 @@ impl Daemon {
         self.rules = TaskRules::from_config(&new);
         self.sched.set_slots(engine::slots(&new));
         self.metrics.set_slots(&engine::slots(&new));
-        let settings = Arc::new(settings);
-        *self.webhooks.settings.write().expect("settings") = settings.clone();
-        let _ = self.webhooks.tx.send(deliver::Cmd::Settings(settings));
+        self.fx.push(Effect::Settings(Arc::new(settings)));
         self.cfg = new;
         if restart.is_empty() {
             info!(config = %self.cfg.path.display(), slots = self.cfg.slot_count(), "config reloaded");
@@ -1152,19 +947,12 @@ impl Daemon {
     }
 
     /// Makes the loop look again at `at` (a batch's wait running out).
-    fn wake_at(&mut self, at: std::time::Instant) {
-        if self
-            .wake
-            .is_some_and(|w| w <= at && w > std::time::Instant::now())
-        {
+    fn wake_at(&mut self, at: Instant) {
+        if self.wake.is_some_and(|w| w <= at && w > self.world.now()) {
             return;
         }
         self.wake = Some(at);
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(at.into()).await;
-            let _ = tx.send(Event::Hint);
-        });
+        self.fx.push(Effect::Timer(at, Event::Hint));
     }
 
     fn start(&mut self, slot: Slot, mut works: Vec<Work>) {
@@ -1178,35 +966,20 @@ impl Daemon {
             .in_flight
             .fetch_add(works.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.batches += 1;
-        let engine = self.engine.clone();
-        let tx = self.tx.clone();
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
-        let (cancel_tx, cancel) = watch::channel(self.cancelled_all);
         self.running.insert(
             batch_id,
-            (
-                works.iter().map(|w| w.claim.lease.clone()).collect(),
-                cancel_tx,
-            ),
+            works.iter().map(|w| w.claim.lease.clone()).collect(),
         );
-        let (free_tx, free_slot) = (tx.clone(), slot.clone());
-        let mut free = SlotRelease::new(move || {
-            let _ = free_tx.send(Event::SlotFree(free_slot));
-        });
-        tokio::spawn(async move {
-            let jobs: Vec<Job> = works.iter().map(|w| w.job.clone()).collect();
-            let mut outcomes = engine.run_batch(&jobs, &slot, cancel, &mut free).await;
-            outcomes.resize(works.len(), Outcome::Cancelled);
-            let _ = tx.send(Event::Finished {
-                batch_id,
-                slot,
-                slot_freed: free.released(),
-                works,
-                outcomes,
-                started_at,
-            });
-        });
+        self.fx.push(Effect::Start(Start {
+            batch_id,
+            slot,
+            works,
+            started_at,
+            engine: self.engine.clone(),
+            cancelled: self.cancelled_all,
+        }));
     }
 
     /// One task of a batch of `batch_len` ended. Returns it if it is to run
@@ -1280,11 +1053,9 @@ impl Daemon {
                     let wait = backoff(self.cfg.retry.backoff.0, work.attempts);
                     warn!(id = %id, trace_id = %trace, stage = "retrying", kind = kind.as_str(), attempt = work.attempts, wait = %humantime::format_duration(wait), "{message}");
                     self.retries += 1;
-                    let tx = self.tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(wait).await;
-                        let _ = tx.send(Event::RetryDue(Box::new(work)));
-                    });
+                    let at = self.world.now() + wait;
+                    self.fx
+                        .push(Effect::Timer(at, Event::RetryDue(Box::new(work))));
                     return None;
                 }
                 if kind.retryable()
@@ -1315,32 +1086,19 @@ impl Daemon {
     /// The one place a task is finished: its record goes to the committer.
     fn commit(&mut self, c: ClaimRef, record: Record) {
         self.uncommitted += 1;
-        if self
-            .commit_tx
-            .send(Commit {
-                record,
-                lease: c.lease,
-                token: c.token,
-                line: c.line,
-            })
-            .is_err()
-        {
-            self.fatal = Some("the record writer stopped".into());
-        }
+        self.fx.push(Effect::Commit(Box::new(Commit {
+            record,
+            lease: c.lease,
+            token: c.token,
+            line: c.line,
+        })));
     }
 
     /// Every line of a lease has its record: delete it — if it is still
     /// ours: compare-and-delete by token under the claim lock.
     fn delete_lease(&mut self, lease: PathBuf, token: String) {
-        let spool = Spool::new(&self.cfg.spool.dir);
         self.deleting += 1;
-        self.blocking(
-            move || {
-                let res = LeaseOwner::new(&spool).delete(&lease, &token);
-                (lease, res)
-            },
-            |(lease, res)| Event::LeaseDeleted(lease, res),
-        );
+        self.fx.push(Effect::DeleteLease { lease, token });
     }
 
     /// A commit was fenced: another daemon owns this lease now and runs its
@@ -1351,9 +1109,9 @@ impl Daemon {
         self.held.lock().expect("held set").remove(lease);
         let queued = self.sched.drop_lease(lease);
         let mut stopped = 0;
-        for (leases, cancel) in self.running.values() {
+        for (id, leases) in &self.running {
             if leases.contains(lease) {
-                let _ = cancel.send(true);
+                self.fx.push(Effect::Cancel(*id));
                 stopped += 1;
             }
         }
@@ -1374,14 +1132,14 @@ impl Daemon {
     /// any case, so a record can never be doubled; this keeps a GPU from
     /// running a line twice for long.
     fn beat_is_fresh(&mut self) -> bool {
-        if let Some(e) = self.heartbeat.lock_lost() {
+        let beat = self.world.beat();
+        if let Some(e) = beat.lock_lost {
             self.fatal = Some(e);
             return false;
         }
         let lease = self.cfg.spool.lease.0;
         let limit = lease - fence_margin(lease);
-        let age = self.heartbeat.age();
-        let episodes = self.heartbeat.stale_episodes();
+        let (age, episodes) = (beat.age, beat.stale_episodes);
         let late = age > limit || episodes != self.stale_seen;
         match self.fenced {
             Fencing::Clear if !late => return true,
@@ -1398,20 +1156,10 @@ impl Daemon {
         if self.fenced == Fencing::Stale && age <= limit {
             self.stale_seen = episodes;
             self.fenced = Fencing::Checking;
-            let leases = self.leases.tokens();
-            self.blocking(
-                move || {
-                    leases
-                        .into_iter()
-                        .filter(|(lease, token)| !claim::still_ours(lease, token))
-                        .map(|(lease, _)| lease)
-                        .collect::<Vec<_>>()
-                },
-                Event::LeasesChecked,
-            );
+            self.fx.push(Effect::CheckLeases(self.leases.tokens()));
         } else if self.fenced == Fencing::Stale {
             // Look again soon (one timer, however often we get here).
-            let at = std::time::Instant::now() + self.heartbeat.every();
+            let at = self.world.now() + beat.every;
             self.wake_at(at);
         }
         false
@@ -1420,26 +1168,24 @@ impl Daemon {
     /// Tells every running batch (and, from now on, every new one) to stop.
     fn cancel_all(&mut self) {
         self.cancelled_all = true;
-        for (_, cancel) in self.running.values() {
-            let _ = cancel.send(true);
+        for id in self.running.keys() {
+            self.fx.push(Effect::Cancel(*id));
         }
     }
 
-    /// On exit: leases with unfinished lines go back for anyone to take.
-    fn hand_back_all(&mut self) {
-        if self.leases.is_empty() {
-            return;
-        }
-        let c = self.claimer.lock().expect("claimer");
-        let mut n = 0;
+    /// On exit: the leases still held, with their tokens and how many
+    /// lines are unfinished, for the shell to hand back.
+    pub fn take_leases(&mut self) -> Vec<(PathBuf, String, usize)> {
         let mut leases = std::mem::take(&mut self.leases);
-        for (lease, held) in leases.drain() {
-            n += held.lines.len();
-            if let Err(e) = c.hand_back(&lease, &held.token) {
-                error!("{e}");
-            }
-        }
-        info!(tasks = n, "handed back unfinished tasks");
+        leases
+            .drain()
+            .map(|(lease, held)| (lease, held.token, held.lines.len()))
+            .collect()
+    }
+
+    /// The queued effects, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.fx)
     }
 }
 
@@ -1464,224 +1210,347 @@ fn guess_id(bytes: &[u8]) -> Option<String> {
     (!s.is_empty() && s.len() <= 200).then(|| s.to_string())
 }
 
-/// Heartbeat housekeeping: pending-line gauges, the metrics textfile, and
-/// deleting consumed inputs older than `retention.consumed`.
-fn refresh_gauges(
-    spool: &Spool,
-    max_line: usize,
-    metrics: &Metrics,
-    textfile: Option<&std::path::Path>,
-    retention: Option<Duration>,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    // Counting pending lines reads the pending files: only for metrics users.
-    let wanted = textfile.is_some() || metrics.served.load(Relaxed);
-    if let Some(s) = wanted
-        .then(|| claim::summary(spool, max_line).ok())
-        .flatten()
-    {
-        metrics.pending_lines.store(s.pending_lines, Relaxed);
-        let age = s
-            .oldest_pending
-            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
-            .map(|d| d.as_secs())
-            .unwrap_or(u64::MAX);
-        metrics.oldest_pending_secs.store(age, Relaxed);
+#[cfg(test)]
+mod tests {
+    //! The daemon's decisions, driven event by event, without processes,
+    //! files or timers: each test feeds events to a [`Core`] and reads the
+    //! effects it asks for.
+
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::spool::claim::{Claimed, Held, LeaseDoc};
+    use crate::spool::records::Pos;
+    use crate::vocab::FileId;
+
+    /// A world the test sets: the clock, our heartbeat, which outputs
+    /// exist, how much space is free.
+    #[derive(Clone)]
+    struct Fake(Arc<Mutex<FakeState>>);
+
+    struct FakeState {
+        now: Instant,
+        beat: Beat,
+        outputs: HashSet<PathBuf>,
+        free: Option<u64>,
     }
-    if let Some(path) = textfile {
-        if let Err(e) = crate::util::atomic_write(path, metrics.render().as_bytes()) {
-            warn!(
-                "cannot write metrics.textfile {}: {}",
-                path.display(),
-                crate::util::io_msg(&e)
-            );
+
+    impl World for Fake {
+        fn now(&self) -> Instant {
+            self.0.lock().unwrap().now
+        }
+        fn output_exists(&self, path: &Path) -> bool {
+            self.0.lock().unwrap().outputs.contains(path)
+        }
+        fn free_bytes(&self) -> Option<u64> {
+            self.0.lock().unwrap().free
+        }
+        fn beat(&self) -> Beat {
+            self.0.lock().unwrap().beat.clone()
         }
     }
-    if let Some(keep) = retention {
-        let n = crate::retention::prune_consumed(spool, keep);
-        if n > 0 {
-            info!(
-                files = n,
-                "deleted consumed input files older than retention.consumed"
-            );
+
+    impl Fake {
+        fn set(&self, f: impl FnOnce(&mut FakeState)) {
+            f(&mut self.0.lock().unwrap())
         }
     }
-}
 
-/// What the record committer needs to queue webhooks.
-#[derive(Clone)]
-struct Webhooks {
-    settings: Arc<std::sync::RwLock<Arc<Settings>>>,
-    outbox: Arc<Outbox>,
-    tx: mpsc::UnboundedSender<deliver::Cmd>,
-    spool_root: PathBuf,
-}
+    struct Rig {
+        core: Core,
+        world: Fake,
+        _dir: tempfile::TempDir,
+    }
 
-/// How soon after the last group a record counts as part of a busy stream.
-const GROUP_BUSY: Duration = Duration::from_millis(10);
-/// How long a busy stream's record waits for others to share its fsyncs.
-const GROUP_WAIT: Duration = Duration::from_millis(2);
-/// A group at least this big does not wait for more.
-const GROUP_ENOUGH: usize = 64;
-
-/// The committer thread: group commit of records, then report them durable.
-fn committer(
-    log: RecordLog,
-    rx: std::sync::mpsc::Receiver<Commit>,
-    tx: mpsc::UnboundedSender<Event>,
-    webhooks: Webhooks,
-    once: bool,
-) {
-    let mut last_group: Option<std::time::Instant> = None;
-    while let Ok(first) = rx.recv() {
-        // A record that comes soon after the last group means tasks are
-        // finishing fast: give its companions a moment to join, so a fast
-        // engine pays a few fsyncs per group rather than per task (the idea
-        // of PostgreSQL's commit_delay). After a quiet spell a record is
-        // written at once.
-        let busy = last_group.is_some_and(|t| t.elapsed() < GROUP_BUSY);
-        let until = std::time::Instant::now() + if busy { GROUP_WAIT } else { Duration::ZERO };
-        let mut batch = vec![first];
-        while batch.len() < 4096 {
-            // A group this big already shares its fsyncs well: take only
-            // what is ready.
-            let left = if batch.len() < GROUP_ENOUGH {
-                until.saturating_duration_since(std::time::Instant::now())
-            } else {
-                Duration::ZERO
-            };
-            match rx.recv_timeout(left) {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
-            }
-        }
-        last_group = Some(std::time::Instant::now());
-        // A full disk is a pause: the group stays in memory and is written
-        // again (all or nothing) until it fits. `--once` gives up instead.
-        let mut wait = Duration::from_secs(1);
-        let res = loop {
-            match write_batch(&log, &batch, &webhooks) {
-                Err(e) if crate::util::is_disk_full(&e) && !once => {
-                    let bytes = batch.iter().map(|c| c.record.to_line().len() as u64).sum();
-                    let _ = tx.send(Event::DiskFull {
-                        what: format!(
-                            "cannot write records to {}: {}",
-                            log.done.display(),
-                            crate::util::io_msg(&e)
-                        ),
-                        needed: bytes,
-                    });
-                    // Until the wait is over, or the file system shows room.
-                    let until = std::time::Instant::now() + wait;
-                    let dir = log.done.parent().unwrap_or(std::path::Path::new("."));
-                    while std::time::Instant::now() < until
-                        && crate::util::free_bytes(dir).is_none_or(|f| f <= bytes * 2 + 64 * 1024)
-                    {
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(30));
-                }
-                other => break other,
-            }
+    /// A core with one slot (`max_parallel = 1`), a 60 s lease, and its
+    /// own claims recovered.
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("ttspool.toml");
+        std::fs::write(
+            &conf,
+            "[spool]\ndir = \"spool\"\ninstance = \"core\"\nlease = \"60s\"\n\
+             [engine]\nargv = [\"true\", \"{output}\", \"--\", \"{input_text}\"]\n\
+             [gpu]\nmax_parallel = 1\n",
+        )
+        .unwrap();
+        let cfg = Config::load(&conf).unwrap();
+        let world = Fake(Arc::new(Mutex::new(FakeState {
+            now: Instant::now(),
+            beat: Beat {
+                age: Duration::from_millis(10),
+                stale_episodes: 0,
+                every: Duration::from_secs(7),
+                lock_lost: None,
+            },
+            outputs: HashSet::new(),
+            free: Some(1 << 30),
+        })));
+        let opts = Options {
+            once: false,
+            set_level: Box::new(|_| Ok(())),
         };
-        match res {
-            Ok(written) => {
-                let list = batch
-                    .into_iter()
-                    .zip(written)
-                    .map(|(c, w)| (c.record, c.lease, c.line, w))
-                    .collect();
-                let _ = tx.send(Event::Committed(list));
-            }
-            Err(e) => {
-                let _ = tx.send(Event::CommitFailed(format!(
-                    "{} / {}: {}",
-                    log.done.display(),
-                    log.failed.display(),
-                    crate::util::io_msg(&e)
-                )));
-                return;
-            }
+        let engine = Arc::new(Engine::from_config(&cfg));
+        let mut core = Core::new(
+            cfg,
+            opts,
+            engine,
+            Arc::new(Metrics::default()),
+            HeldSet::default(),
+            Box::new(world.clone()),
+        );
+        core.pump();
+        assert!(matches!(core.take_effects()[..], [Effect::TakeOver(_)]));
+        core.handle(Event::TakenOver(Ok(Vec::new())));
+        core.take_effects();
+        Rig {
+            core,
+            world,
+            _dir: dir,
         }
     }
-}
 
-/// Appends a batch under the records lock, leaving out records whose lease
-/// another daemon has taken over (it re-runs those lines itself). First the
-/// folders of the batch's new outputs are fsynced, once each, so every
-/// `completed` record points at a rename that is already durable.
-fn write_batch(
-    log: &RecordLog,
-    batch: &[Commit],
-    webhooks: &Webhooks,
-) -> std::io::Result<Vec<CommitOutcome>> {
-    let mut dirs: Vec<&std::path::Path> = batch
-        .iter()
-        .filter_map(|c| match &c.record {
-            Record::Done {
-                skipped: false,
-                output,
-                ..
-            } => output.parent(),
-            _ => None,
-        })
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    for d in dirs {
-        crate::util::fsync_dir(d)?;
+    /// A claim of `n` task lines under one lease.
+    fn claim(lease: &str, token: &str, n: u64) -> Batch {
+        let path = PathBuf::from(lease);
+        let lines: Vec<u64> = (1..=n).collect();
+        let doc = LeaseDoc {
+            instance: "core".into(),
+            token: token.into(),
+            pid: 1,
+            file: "f.jsonl".into(),
+            file_escaped: None,
+            key: "f.jsonl.K".into(),
+            gen: 0,
+            start_off: 0,
+            start_line: 0,
+            end_off: 100,
+            end_line: n,
+            lines: lines.clone(),
+            pos: Pos::default(),
+            released: false,
+        };
+        let claimed = lines
+            .iter()
+            .map(|&no| Claimed {
+                lease: path.clone(),
+                token: token.into(),
+                file: "f.jsonl".into(),
+                file_escaped: None,
+                file_id: FileId::new("f.jsonl.K", 0),
+                no,
+                line: Ok(Line::Text {
+                    no,
+                    start: 0,
+                    end: 0,
+                    bytes: format!("{{\"input_text\":\"x\",\"output_name\":\"t{no}\"}}")
+                        .into_bytes(),
+                }),
+            })
+            .collect();
+        Batch {
+            leases: vec![Held { path, doc }],
+            lines: claimed,
+            ..Batch::default()
+        }
     }
-    let _g = log.lock()?;
-    if log.maybe_rotate_locked()? {
-        info!("record logs rotated");
+
+    fn step(core: &mut Core, ev: Event) -> Vec<Effect> {
+        core.handle(ev);
+        core.pump();
+        core.take_effects()
     }
-    let before = log.sizes();
-    let mut ours: HashMap<&PathBuf, CommitOutcome> = HashMap::new();
-    let mut done = Vec::new();
-    let mut failed = Vec::new();
-    let mut written = Vec::with_capacity(batch.len());
-    let mut messages = Vec::new();
-    let settings = webhooks.settings.read().expect("settings").clone();
-    for c in batch {
-        let outcome = *ours.entry(&c.lease).or_insert_with(|| {
-            if claim::still_ours(&c.lease, &c.token) {
-                CommitOutcome::Durable
-            } else {
-                CommitOutcome::Fenced
-            }
+
+    /// The batch a `Start` effect began, and its works.
+    fn started(fx: &mut Vec<Effect>) -> Option<(u64, Slot, Vec<Work>)> {
+        let i = fx.iter().position(|e| matches!(e, Effect::Start(_)))?;
+        match fx.remove(i) {
+            Effect::Start(s) => Some((s.batch_id, s.slot, s.works)),
+            _ => unreachable!(),
+        }
+    }
+
+    /// The records the effects commit, with the line each settles.
+    fn commits(fx: &[Effect]) -> Vec<(Record, PathBuf, u64)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Commit(c) => Some((c.record.clone(), c.lease.clone(), c.line)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finish(
+        core: &mut Core,
+        (batch_id, slot, works): (u64, Slot, Vec<Work>),
+        outcome: Outcome,
+    ) -> Vec<Effect> {
+        let outcomes = vec![outcome; works.len()];
+        step(
+            core,
+            Event::Finished {
+                batch_id,
+                slot,
+                slot_freed: false,
+                works,
+                outcomes,
+                started_at: now_rfc3339(),
+            },
+        )
+    }
+
+    fn deletes(fx: &[Effect]) -> Vec<(PathBuf, String)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::DeleteLease { lease, token } => Some((lease.clone(), token.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_last_durable_record_of_a_lease_deletes_it_by_token() {
+        let mut r = rig();
+        let mut fx = step(&mut r.core, Event::Claimed(Ok(claim("L", "T", 2))));
+        for _ in 0..2 {
+            let run = started(&mut fx).expect("a line starts");
+            fx = finish(&mut r.core, run, Outcome::Completed { run_ms: 5 });
+            let recs = commits(&fx);
+            assert_eq!(recs.len(), 1);
+            let (rec, lease, line) = recs.into_iter().next().unwrap();
+            fx.extend(step(
+                &mut r.core,
+                Event::Committed(vec![(rec, lease, line, CommitOutcome::Durable)]),
+            ));
+        }
+        assert_eq!(deletes(&fx), [(PathBuf::from("L"), "T".to_string())]);
+        assert_eq!(r.core.unfinished(), 0);
+    }
+
+    /// The bug fencing fixed: a record refused because another daemon took
+    /// the lease over must not settle its line, and the lease — now the
+    /// other daemon's — must never be deleted, rewritten or handed back.
+    #[test]
+    fn a_fenced_record_loses_the_lease_and_touches_nothing_of_it() {
+        let mut r = rig();
+        let mut fx = step(&mut r.core, Event::Claimed(Ok(claim("L", "T", 3))));
+        let first = started(&mut fx).expect("line 1 starts");
+        let mut fx = finish(&mut r.core, first, Outcome::Completed { run_ms: 5 });
+        let (rec, lease, line) = commits(&fx).into_iter().next().unwrap();
+        // The slot is free again: line 2 runs while line 1's record is
+        // being written.
+        let second = started(&mut fx).expect("line 2 starts");
+        let fx = step(
+            &mut r.core,
+            Event::Committed(vec![(rec, lease, line, CommitOutcome::Fenced)]),
+        );
+        assert!(
+            deletes(&fx).is_empty(),
+            "deleted another daemon's lease: {fx:?}"
+        );
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Cancel(id) if *id == second.0)),
+            "line 2's child must be stopped: {fx:?}"
+        );
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Start(_))),
+            "line 3 must not start: {fx:?}"
+        );
+        assert_eq!(r.core.unfinished(), 0, "the lease is forgotten");
+        // Line 2 ends (stopped): no record, no deletion, no hand-back.
+        let fx = finish(&mut r.core, second, Outcome::Cancelled);
+        assert!(commits(&fx).is_empty() && deletes(&fx).is_empty(), "{fx:?}");
+        assert!(r.core.take_leases().is_empty());
+    }
+
+    #[test]
+    fn a_late_heartbeat_stops_claims_and_starts_until_the_leases_are_checked() {
+        let mut r = rig();
+        let mut fx = step(&mut r.core, Event::Claimed(Ok(claim("L", "T", 2))));
+        let run = started(&mut fx).expect("line 1 starts");
+        // Paused past lease − margin (45 s of 60 s).
+        r.world.set(|w| w.beat.age = Duration::from_secs(50));
+        let fx = finish(&mut r.core, run, Outcome::Completed { run_ms: 5 });
+        assert!(
+            !fx.iter()
+                .any(|e| matches!(e, Effect::Start(_) | Effect::Claim { .. })),
+            "claimed or started while fenced: {fx:?}"
+        );
+        let fx = step(&mut r.core, Event::Tick);
+        assert!(!fx
+            .iter()
+            .any(|e| matches!(e, Effect::Start(_) | Effect::Claim { .. })));
+        // The beat is fresh again: the leases are checked first.
+        r.world.set(|w| {
+            w.beat.age = Duration::from_millis(10);
+            w.beat.stale_episodes = 1;
         });
-        written.push(outcome);
-        if outcome == CommitOutcome::Durable {
-            let line = c.record.to_line();
-            if c.record.is_done() {
-                done.push(line);
-            } else {
-                failed.push(line);
-            }
-            messages.extend(settings.for_record(&c.record));
-        }
+        let fx = step(&mut r.core, Event::Tick);
+        let checked: Vec<_> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::CheckLeases(l) => Some(l.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(checked, [vec![(PathBuf::from("L"), "T".to_string())]]);
+        assert!(!fx
+            .iter()
+            .any(|e| matches!(e, Effect::Start(_) | Effect::Claim { .. })));
+        // L was taken over meanwhile: it is let go; claiming resumes.
+        let fx = step(&mut r.core, Event::LeasesChecked(vec![PathBuf::from("L")]));
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Claim { .. })),
+            "{fx:?}"
+        );
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Start(_))),
+            "line 2 is not ours: {fx:?}"
+        );
+        assert_eq!(r.core.unfinished(), 0);
     }
-    // The messages are durable before their records, and deliverable only
-    // after them (see webhook/outbox.rs for why a crash in between is safe).
-    let pending = if messages.is_empty() {
-        None
-    } else {
-        Some(webhooks.outbox.write(&messages, Some(log.position()))?)
-    };
-    // All or nothing, so that a group written again after a full disk
-    // cannot double a record: undo what half of it did.
-    let appended = RecordLog::append_locked(&log.done, &done)
-        .and_then(|()| RecordLog::append_locked(&log.failed, &failed));
-    if let Err(e) = appended {
-        let _ = RecordLog::truncate_locked(&log.done, before.0);
-        if let Some(p) = &pending {
-            let _ = std::fs::remove_file(p);
-        }
-        return Err(e);
+
+    #[test]
+    fn a_full_disk_pauses_claims_until_the_wait_is_over_or_space_returns() {
+        let mut r = rig();
+        r.world.set(|w| w.free = Some(0));
+        let full = ClaimError::Io {
+            action: "write",
+            path: PathBuf::from("cursor"),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let fx = step(&mut r.core, Event::Claimed(Err(full)));
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Claim { .. })),
+            "{fx:?}"
+        );
+        let fx = step(&mut r.core, Event::Tick);
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Claim { .. })),
+            "{fx:?}"
+        );
+        // The first wait is a second.
+        r.world.set(|w| w.now += Duration::from_millis(1100));
+        let fx = step(&mut r.core, Event::Tick);
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Claim { .. })),
+            "{fx:?}"
+        );
     }
-    if let Some(p) = pending {
-        let seg = Outbox::promote(&p)?;
-        let _ = webhooks.tx.send(deliver::Cmd::Segment(seg));
+
+    #[test]
+    fn a_line_whose_output_exists_is_skipped_without_a_run() {
+        let mut r = rig();
+        let out = crate::task::output_path(&r.core.cfg().output.dir, "t1");
+        r.world.set(|w| {
+            w.outputs.insert(out);
+        });
+        let fx = step(&mut r.core, Event::Claimed(Ok(claim("L", "T", 1))));
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Start(_))), "{fx:?}");
+        let recs = commits(&fx);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].0.status(), "skipped");
     }
-    Ok(written)
 }
