@@ -1,14 +1,14 @@
 //! Claiming task lines so that several daemons sharing a spool run each line
-//! once, and taking over the claims of daemons that died.
+//! once.
 //!
 //! # The protocol
 //!
-//! Each producer file has a sidecar folder `.ttspool/files/<key>/` (the key
-//! includes the inode, so a replaced file is a new file) holding a `cursor`
-//! (generation, byte offset and line count of the next unclaimed line) and one
-//! `lease-<gen>-<first line>` per claimed range. Claiming happens under an
-//! exclusive lock on `.ttspool/claim.lock` — our own file, never the
-//! producer's — and in this order:
+//! Each producer file has a sidecar folder `.ttspool/files/<key>/`
+//! (sidecar.rs; which file is which is ident.rs's business) holding a
+//! `cursor` (generation, byte offset and line count of the next unclaimed
+//! line) and one `lease-<gen>-<first line>` per claimed range. Claiming
+//! happens under an exclusive lock on `.ttspool/claim.lock` — our own file,
+//! never the producer's — and in this order:
 //!
 //! 1. read the cursor and the next lines from the producer's file;
 //! 2. create the lease with `O_EXCL`, fsync it and the folder;
@@ -21,51 +21,32 @@
 //! covered by exactly one lease.
 //!
 //! A lease is deleted only after every line in it has a durable record
-//! (records.rs). A lease whose owner died is taken over (rewritten with the
-//! new owner) and then, under the records lock, the logs are read from the
-//! sizes noted in the lease to find the lines that already have a record; only
-//! the others run again. So a crash between "record durable" and "lease
-//! deleted" produces no second record.
+//! (records.rs), compare-and-delete by token (fence.rs). The rest of the
+//! story has a file each:
 //!
-//! # Liveness without synchronized clocks
-//!
-//! Each daemon holds `.ttspool/instances/<instance>.lock` for its whole life
-//! and bumps the beat counter in `<instance>.alive` every `lease/8`, from a
-//! thread of its own (heartbeat.rs). Another daemon is dead when its counter
-//! has stood still for `spool.lease` on the observer's monotonic clock, so
-//! the hosts' clocks never meet. Leases of our own instance name that we do
-//! not hold in memory belong to a previous run of ours (we hold the instance
-//! lock), so a restart takes them over at once.
-//!
-//! # Fencing
-//!
-//! A daemon can be judged dead while it is only paused, and wake up holding
-//! leases that are another's now. Every record is written only if its lease
-//! still carries the token it was claimed with (checked under the records
-//! lock, which the taker also holds while it reads which lines have
-//! records), and a lease is deleted or handed back only compare-and-set by
-//! token under the claim lock ([`LeaseOwner`]). A fenced daemon forgets the
-//! lease and touches nothing of it.
+//! - instance.rs: our instance lock, heartbeat and the others' liveness;
+//! - takeover.rs: the leases of daemons that died, and of our last run;
+//! - fence.rs: the claim lock and its canary, tokens, [`LeaseOwner`];
+//! - consume.rs: files whose every line has a record, and late appends;
+//! - summary.rs: what `status` shows.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
-
-use super::heartbeat::{BeatError, Beater, Heartbeat, Liveness};
+use super::fence::ClaimLock;
+pub use super::fence::{still_ours, CommitOutcome, LeaseChange, LeaseOwner};
+use super::heartbeat::{Beater, Liveness};
 use super::ident::{self, Ident, Probe};
 use super::lines::{Line, LineReader, LongLine, Next};
-use super::locks::{self, LockScope, Where};
+use super::locks::Where;
 use super::records::RecordLog;
-use super::scan::{scan, scan_all, Entry};
-use super::sidecar::{
-    lease_name, lease_start, list_leases, read_cursor, write_cursor, write_ident,
-};
+use super::scan::{scan_all, Entry};
+use super::sidecar::{lease_name, read_cursor, write_cursor, write_ident};
 pub use super::sidecar::{read_lease, Cursor, LeaseDoc};
+pub use super::summary::{summary, Summary};
 use super::Spool;
 use crate::util::{atomic_write, create_exclusive, fsync_dir};
 use crate::vocab::FileId;
@@ -211,33 +192,33 @@ const ROUND_BYTES: u64 = 8 << 20;
 pub struct Claimer {
     pub(super) spool: Spool,
     pub(super) log: RecordLog,
-    instance: String,
+    pub(super) instance: String,
     pub(super) max_line_bytes: usize,
-    settle: Duration,
+    pub(super) settle: Duration,
     /// A fully recorded file leaves `pending/` after this long unchanged.
     pub(super) consume_after: Duration,
     /// How often consumed files are looked at for growth, at least.
     pub(super) follow_every: Duration,
     pub(super) next_follow: Option<Instant>,
     pub(super) follow_due: HashMap<String, Instant>,
-    lease_ttl: Duration,
+    pub(super) lease_ttl: Duration,
     /// Which mount we see the spool through (ident.rs).
     pub(super) mount: String,
-    rr: usize,
+    pub(super) rr: usize,
     pub(super) seen: HashMap<String, Seen>,
     /// Over-long lines read partly, per sidecar key (with the generation).
-    long_lines: HashMap<String, (u64, LongLine)>,
+    pub(super) long_lines: HashMap<String, (u64, LongLine)>,
     /// Our beats, until [`Claimer::start_heartbeat`] moves them to a thread.
-    beater: Option<Beater>,
-    liveness: Liveness,
+    pub(super) beater: Option<Beater>,
+    pub(super) liveness: Liveness,
     /// Leases this process holds; shared with the daemon, which removes a
     /// lease here after deleting its file.
-    held: HeldSet,
+    pub(super) held: HeldSet,
     /// Files already reported as fully claimed but not fully recorded.
     pub(super) unrecorded_warned: HashSet<String>,
     /// Entries of `pending/` already reported as not read (symlinks, FIFOs...).
-    rejected_warned: HashSet<String>,
-    _instance_lock: File,
+    pub(super) rejected_warned: HashSet<String>,
+    pub(super) _instance_lock: File,
 }
 
 /// The set of lease paths a process holds.
@@ -326,84 +307,6 @@ impl Claimer {
         Ok(c)
     }
 
-    /// Where locks on the spool's mount stay on this host (sshfs, NFS with
-    /// nolock, ...), refuses to join a spool that a daemon on another host
-    /// or mount is using: our locks would not keep it out. See locks.rs.
-    fn check_lock_scope(&mut self) -> Result<(), ClaimError> {
-        let root = &self.spool.root;
-        let mount = locks::mount_of(root);
-        let here = Where::here(root, mount.as_ref()).map_err(io_err("stat", root))?;
-        let instances = self.spool.instances();
-        let where_path = instances.join(format!("{}.where", self.instance));
-        let res = self.refuse_foreign_daemons(root, &instances, &here, mount.as_ref());
-        // Written after the check: a daemon with our name on another mount
-        // (whose flock did not stop us) left its own `.where` here.
-        if let Err(e) = atomic_write(&where_path, &serde_json::to_vec(&here).expect("where")) {
-            tracing::warn!(
-                "cannot write {}: {}",
-                where_path.display(),
-                crate::util::io_msg(&e)
-            );
-        }
-        res
-    }
-
-    fn refuse_foreign_daemons(
-        &self,
-        root: &Path,
-        instances: &Path,
-        here: &Where,
-        mount: Option<&locks::Mount>,
-    ) -> Result<(), ClaimError> {
-        let Some(mount) = mount else { return Ok(()) };
-        let LockScope::HostLocal { why, fix } = mount.lock_scope() else {
-            return Ok(());
-        };
-        tracing::warn!(
-            "spool {} is on {}: {why}, so its locks stay on this host; run daemons on one host (and one mount) only, or {fix}",
-            root.display(),
-            mount.describe()
-        );
-        let rd = fs::read_dir(instances).map_err(io_err("list", instances))?;
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(other) = name.strip_suffix(".where") else {
-                continue;
-            };
-            let Some(w) = fs::read(e.path())
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Where>(&b).ok())
-            else {
-                continue;
-            };
-            if here.shares_locks_with(&w) {
-                continue;
-            }
-            if other == self.instance {
-                tracing::warn!(
-                    "a daemon named {other:?} ran on this spool from host {} via {}; if it still runs, stop one of the two",
-                    w.host,
-                    w.mount
-                );
-            }
-            // Is it alive? Its beat counter moves within a beat or two.
-            let alive = instances.join(format!("{other}.alive"));
-            let wait = (self.lease_ttl / 8).max(Duration::from_millis(100)) * 3
-                + Duration::from_millis(200);
-            if beats_within(&alive, wait) {
-                return Err(ClaimError::LocksDoNotSpan(Box::new(ForeignDaemon {
-                    spool: root.to_path_buf(),
-                    mount: mount.describe(),
-                    why,
-                    fix,
-                    other: other.to_string(),
-                    other_where: format!("host {} via {}", w.host, w.mount),
-                })));
-            }
-        }
-        Ok(())
-    }
-
     /// A fully recorded file leaves `pending/` once unchanged this long
     /// (`spool.consume_after`); consumed files are looked at for growth at
     /// most every `follow_every` (the poll interval).
@@ -412,52 +315,12 @@ impl Claimer {
         self.follow_every = follow_every;
     }
 
-    /// Instances (other than us) whose beat counter stood still for the lease.
-    pub fn dead_instances(&mut self, names: &[String]) -> Vec<String> {
-        let mut dead = Vec::new();
-        for n in names {
-            if *n != self.instance && self.is_dead(n) {
-                dead.push(n.clone());
-            }
-        }
-        dead
-    }
-
-    /// Moves our beats to a thread of their own; see [`Heartbeat`].
-    pub fn start_heartbeat(
-        &mut self,
-        every: Duration,
-        stale_after: Duration,
-    ) -> io::Result<Heartbeat> {
-        let beater = self
-            .beater
-            .take()
-            .ok_or_else(|| io::Error::other("the heartbeat runs already"))?;
-        Heartbeat::start(beater, every, stale_after)
-    }
-
     /// The leases this process holds.
     pub fn held(&self) -> HeldSet {
         self.held.clone()
     }
 
-    /// One beat from this thread (before [`Claimer::start_heartbeat`];
-    /// afterwards the heartbeat thread beats and this does nothing).
-    pub fn heartbeat(&mut self) -> Result<(), ClaimError> {
-        let Some(b) = self.beater.as_mut() else {
-            return Ok(());
-        };
-        b.beat().map_err(|e| match e {
-            BeatError::LockLost(p) => ClaimError::LockLost(p),
-            BeatError::Io(path, source) => ClaimError::Io {
-                action: "write heartbeat",
-                path,
-                source,
-            },
-        })
-    }
-
-    fn lock_claims(&self) -> Result<ClaimLock, ClaimError> {
+    pub(super) fn lock_claims(&self) -> Result<ClaimLock, ClaimError> {
         ClaimLock::take(&self.spool)
     }
 
@@ -793,204 +656,6 @@ impl Claimer {
         Ok(n)
     }
 
-    /// Takes over leases whose owner is gone (or that were handed back), and
-    /// returns them with the lines that still need a record. Also writes our
-    /// heartbeat and removes sidecar folders of files that are gone.
-    pub fn take_over(&mut self) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
-        self.heartbeat()?;
-        let pending = self.spool.pending();
-        let entries = scan(&pending).map_err(io_err("list", &pending))?;
-        let lock = self.lock_claims()?;
-        let res = self.identify(entries, &mut Vec::new()).and_then(|found| {
-            let present: HashSet<String> = found.into_iter().map(|f| f.key).collect();
-            self.take_over_locked(&present)
-        });
-        lock.release()?;
-        res
-    }
-
-    fn take_over_locked(
-        &mut self,
-        present: &HashSet<String>,
-    ) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
-        // Claims only happen under `&mut self`, so this snapshot is complete.
-        let held = self.held.lock().expect("held set").clone();
-        let mut out = Vec::new();
-        let mut ages: HashMap<String, bool> = HashMap::new();
-        let files = self.spool.files();
-        for dent in fs::read_dir(&files).map_err(io_err("list", &files))? {
-            let dent = dent.map_err(io_err("list", &files))?;
-            let dir = dent.path();
-            let key = dent.file_name().to_string_lossy().into_owned();
-            let leases = list_leases(&dir)?;
-            if leases.is_empty() {
-                if !present.contains(&key) {
-                    self.drop_sidecar(&key, &dir)?;
-                }
-                continue;
-            }
-            for lp in leases {
-                if held.contains(&lp) {
-                    continue;
-                }
-                let Some(doc) = read_lease(&lp) else {
-                    let cur = read_cursor(&dir.join("cursor"))?;
-                    if lease_start(&lp).is_some_and(|(g, l)| g != cur.gen || l > cur.line) {
-                        tracing::warn!(lease = %lp.display(), "removing a lease torn by a crash while claiming");
-                        let _ = fs::remove_file(&lp);
-                    } else {
-                        tracing::error!(lease = %lp.display(), "unreadable lease inside the claimed range; leaving it for an operator");
-                    }
-                    continue;
-                };
-                let take = if doc.released || doc.instance == self.instance {
-                    true
-                } else {
-                    *ages
-                        .entry(doc.instance.clone())
-                        .or_insert_with(|| self.is_dead(&doc.instance))
-                };
-                if take {
-                    match self.take_lease(&lp, &dir, doc) {
-                        Ok(Some(t)) => out.push(t),
-                        Ok(None) => {}
-                        // What was taken so far is returned with the rest
-                        // next time; a full disk is the daemon's to report.
-                        Err(e) if e.is_disk_full() => return Ok(out),
-                        Err(e) => tracing::error!("{e}"),
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn is_dead(&mut self, instance: &str) -> bool {
-        let p = self.spool.instances().join(format!("{instance}.alive"));
-        self.liveness.is_dead(&p, instance, self.lease_ttl)
-    }
-
-    fn take_lease(
-        &mut self,
-        lp: &Path,
-        dir: &Path,
-        old: LeaseDoc,
-    ) -> Result<Option<(Held, Vec<Claimed>)>, ClaimError> {
-        let doc = LeaseDoc {
-            instance: self.instance.clone(),
-            token: ulid::Ulid::new().to_string(),
-            pid: std::process::id(),
-            released: false,
-            ..old.clone()
-        };
-        atomic_write(lp, &serde_json::to_vec(&doc).expect("lease serializes"))
-            .map_err(io_err("take over", lp))?;
-        self.held.lock().expect("held set").insert(lp.to_path_buf());
-        tracing::info!(lease = %lp.display(), from = %old.instance, released = old.released, lines = doc.lines.len(), "took over lease");
-        let cursor_path = dir.join("cursor");
-        let cur = read_cursor(&cursor_path)?;
-        if cur.gen == doc.gen && cur.offset < doc.end_off {
-            write_cursor(&cursor_path, &cur.at(doc.end_off, doc.end_line, None))?;
-        }
-        // Which lines already have a record? Read under the records lock, so
-        // a record the old owner was writing is either seen here or refused
-        // (it checks its token under the same lock).
-        let file_id = doc.file_id();
-        let mut recorded = HashSet::new();
-        {
-            let _g = self.log.lock().map_err(ClaimError::Sidecar)?;
-            self.log
-                .read_since(doc.pos, |r, _, _| {
-                    if r.file_id == file_id {
-                        recorded.insert(r.source.line);
-                    }
-                })
-                .map_err(io_err("read", &self.log.done))?;
-        }
-        let todo: Vec<u64> = doc
-            .lines
-            .iter()
-            .copied()
-            .filter(|l| !recorded.contains(l))
-            .collect();
-        if todo.is_empty() {
-            let _ = fs::remove_file(lp);
-            self.held.lock().expect("held set").remove(lp);
-            return Ok(None);
-        }
-        let lines = self.reread(dir, &doc, &todo);
-        let claimed = todo
-            .iter()
-            .map(|&no| Claimed {
-                lease: lp.to_path_buf(),
-                token: doc.token.clone(),
-                file: doc.file.clone(),
-                file_escaped: doc.file_escaped.clone(),
-                file_id: file_id.clone(),
-                no,
-                line: match &lines {
-                    Ok(map) => map
-                        .get(&no)
-                        .cloned()
-                        .ok_or_else(|| format!("line {no} of {} could no longer be read: the file changed before it ran", doc.file)),
-                    Err(e) => Err(e.clone()),
-                },
-            })
-            .collect();
-        Ok(Some((
-            Held {
-                path: lp.to_path_buf(),
-                doc,
-            },
-            claimed,
-        )))
-    }
-
-    /// Reads the lines `todo` of a lease's range again from the producer
-    /// file, wherever its sidecar says it is now (it may have been renamed).
-    fn reread(
-        &self,
-        dir: &Path,
-        doc: &LeaseDoc,
-        todo: &[u64],
-    ) -> Result<BTreeMap<u64, Line>, String> {
-        let gone = || format!("{} was replaced or removed before its lines ran", doc.file);
-        let id = ident::read(dir).ok_or_else(gone)?;
-        let name = id.os_name();
-        let path = self.spool.pending().join(if name.is_empty() {
-            doc.file.as_ref()
-        } else {
-            name.as_os_str()
-        });
-        let file = super::scan::open_regular(&path).map_err(|_| gone())?;
-        let probe = Probe::read(&name, &file).map_err(|_| gone())?;
-        let same = ident::assign(
-            std::slice::from_ref(&probe),
-            &BTreeMap::from([(doc.key.clone(), id)]),
-            &self.mount,
-        )[0]
-        .is_some();
-        let cur = read_cursor(&dir.join("cursor")).map_err(|e| e.to_string())?;
-        if !same || cur.gen != doc.gen || probe.size < doc.end_off {
-            return Err(gone());
-        }
-        let mut r = LineReader::open(file, doc.start_off, doc.start_line, self.max_line_bytes)
-            .map_err(|e| e.to_string())?;
-        let want: HashSet<u64> = todo.iter().copied().collect();
-        let mut out = BTreeMap::new();
-        while r.position() < doc.end_off {
-            match r.next(true).map_err(|e| e.to_string())? {
-                Next::Line(l) => {
-                    if want.contains(&l.no()) {
-                        out.insert(l.no(), l);
-                    }
-                }
-                Next::Partial | Next::Eof | Next::Unfinished(_) => break,
-            }
-        }
-        Ok(out)
-    }
-
     /// Marks a lease as handed back, for any daemon to take at once — if it
     /// is still ours (`token`); see [`LeaseOwner`].
     pub fn hand_back(&self, lease: &Path, token: &str) -> Result<(), ClaimError> {
@@ -999,245 +664,6 @@ impl Claimer {
             .hand_back(lease, token)
             .map(|_| ())
     }
-}
-
-/// True if the beat counter in `alive` changes within `wait`.
-fn beats_within(alive: &Path, wait: Duration) -> bool {
-    let read = || fs::read(alive).ok();
-    let first = read();
-    let until = Instant::now() + wait;
-    while Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
-        if read() != first {
-            return true;
-        }
-    }
-    false
-}
-
-/// How writing a record for a claimed line ended. Never a bare `bool`: a
-/// lost-record bug once hid behind one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommitOutcome {
-    /// The record is on disk; the line is settled.
-    Durable,
-    /// The lease is no longer ours (another daemon took it over while this
-    /// one was paused or judged dead): the record was not written, the new
-    /// owner runs the line, and this daemon must forget the lease — never
-    /// delete, rewrite or hand it back.
-    Fenced,
-}
-
-/// True if `lease` still names us with `token` (nobody took it over).
-pub fn still_ours(lease: &Path, token: &str) -> bool {
-    read_lease(lease).is_some_and(|d| d.token == token)
-}
-
-/// What a compare-and-change of a lease found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseChange {
-    /// The lease held our token and was changed.
-    Done,
-    /// Another daemon holds it now (or it is gone): left alone.
-    NotOurs,
-}
-
-/// Changes to a lease that are compare-and-set by token under the spool's
-/// claim lock, the lock takeovers hold: between reading our token and
-/// deleting (or handing back) the file, no other daemon can take it over.
-pub struct LeaseOwner<'a> {
-    spool: &'a Spool,
-}
-
-impl<'a> LeaseOwner<'a> {
-    pub fn new(spool: &'a Spool) -> LeaseOwner<'a> {
-        LeaseOwner { spool }
-    }
-
-    fn locked<T>(
-        &self,
-        lease: &Path,
-        token: &str,
-        f: impl FnOnce(LeaseDoc) -> Result<T, ClaimError>,
-    ) -> Result<Option<T>, ClaimError> {
-        let lock = ClaimLock::take(self.spool)?;
-        let res = match read_lease(lease) {
-            Some(doc) if doc.token == token => f(doc).map(Some),
-            _ => Ok(None),
-        };
-        lock.release()?;
-        res
-    }
-
-    /// Deletes a lease whose lines all have durable records, if it is ours.
-    pub fn delete(&self, lease: &Path, token: &str) -> Result<LeaseChange, ClaimError> {
-        let done = self.locked(lease, token, |_| match fs::remove_file(lease) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove finished lease", lease)(e)),
-        })?;
-        Ok(if done.is_some() {
-            LeaseChange::Done
-        } else {
-            LeaseChange::NotOurs
-        })
-    }
-
-    /// Marks a lease of ours as handed back, for any daemon to take at once.
-    pub fn hand_back(&self, lease: &Path, token: &str) -> Result<LeaseChange, ClaimError> {
-        let done = self.locked(lease, token, |mut doc| {
-            doc.released = true;
-            atomic_write(lease, &serde_json::to_vec(&doc).expect("lease serializes"))
-                .map_err(io_err("hand back", lease))
-        })?;
-        Ok(if done.is_some() {
-            LeaseChange::Done
-        } else {
-            LeaseChange::NotOurs
-        })
-    }
-}
-
-/// Opens and locks one of our sidecar lock files (never a producer's file).
-fn lock_file(p: &Path) -> Result<File, ClaimError> {
-    let owner = p.with_file_name("claim.owner");
-    crate::util::lock_sidecar(p, || {
-        fs::read_to_string(&owner)
-            .ok()
-            .map(|t| t.trim().to_string())
-    })
-    .map_err(ClaimError::Sidecar)
-}
-
-/// The claim lock, held, with its canary: a token of ours in `claim.owner`
-/// that must still be there when we let go (see locks.rs).
-struct ClaimLock {
-    _file: File,
-    owner: PathBuf,
-    token: String,
-}
-
-impl ClaimLock {
-    fn take(spool: &Spool) -> Result<ClaimLock, ClaimError> {
-        let file = lock_file(&spool.claim_lock())?;
-        let owner = spool.state().join("claim.owner");
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let mut token = format!(
-            "pid {} on {} ({})",
-            std::process::id(),
-            host.trim(),
-            ulid::Ulid::new()
-        );
-        // Always 128 bytes, overwritten in place: nothing to allocate, so
-        // it works on a full disk. No fsync: the canary only has to be seen
-        // by whoever else is inside the lock now.
-        token.truncate(127);
-        let token = format!("{token:<127}\n");
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&owner)
-            .and_then(|f| f.write_all_at(token.as_bytes(), 0))
-            .map_err(io_err("write", &owner))?;
-        Ok(ClaimLock {
-            _file: file,
-            owner,
-            token,
-        })
-    }
-
-    /// Lets go, and says whether anyone else was inside meanwhile.
-    fn release(self) -> Result<(), ClaimError> {
-        match fs::read_to_string(&self.owner) {
-            Ok(t) if t.starts_with(&self.token) => Ok(()),
-            Ok(_) => Err(ClaimError::LockBroken(self.owner)),
-            Err(e) => Err(io_err("read", &self.owner)(e)),
-        }
-    }
-}
-
-/// What `status` shows about the spool's unfinished lines.
-#[derive(Debug, Default, Serialize)]
-pub struct Summary {
-    pub pending_files: u64,
-    /// Entries of `pending/` that are not read: symlinks, FIFOs, devices,
-    /// folders.
-    pub rejected_files: u64,
-    pub pending_lines: u64,
-    pub in_flight: u64,
-    pub in_flight_by_instance: BTreeMap<String, u64>,
-    /// Modification time of the oldest file that still has unclaimed lines.
-    #[serde(skip)]
-    pub oldest_pending: Option<SystemTime>,
-}
-
-/// Counts unclaimed lines (streaming) and claimed-but-unrecorded ones.
-/// Reads only: files are matched with their sidecars as a claim would.
-pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
-    let mut s = Summary::default();
-    let pending = spool.pending();
-    let entries = match scan_all(&pending) {
-        Ok(found) => {
-            s.rejected_files = found.rejected.len() as u64;
-            found.files
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e),
-    };
-    let here = Where::here(&spool.root, None)?;
-    let mount = ident::mount_tag(&here.boot_id, here.dev);
-    let mut known = BTreeMap::new();
-    if let Ok(rd) = fs::read_dir(spool.files()) {
-        for d in rd.flatten() {
-            let key = d.file_name().to_string_lossy().into_owned();
-            if let Some(id) = ident::read(&d.path()).or_else(|| ident::legacy(&key, &mount)) {
-                known.insert(key, id);
-            }
-        }
-    }
-    let mut opened = Vec::new();
-    for e in entries {
-        s.pending_files += 1;
-        let Ok(f) = super::scan::open_regular(&pending.join(&e.name)) else {
-            continue;
-        };
-        let Ok(p) = Probe::read(&e.name, &f) else {
-            continue;
-        };
-        opened.push((e, f, p));
-    }
-    let probes: Vec<Probe> = opened.iter().map(|(_, _, p)| p.clone()).collect();
-    let keys = ident::assign(&probes, &known, &mount);
-    for ((e, f, p), key) in opened.into_iter().zip(keys) {
-        let cur = key
-            .filter(|k| known[k].head_matches(&p))
-            .and_then(|k| read_cursor(&spool.files().join(k).join("cursor")).ok())
-            .filter(|c| c.offset <= p.size)
-            .unwrap_or_default();
-        let mut r = LineReader::open(f, cur.offset, cur.line, max_line_bytes)?;
-        let before = s.pending_lines;
-        while let Next::Line(l) = r.next(true)? {
-            if !l.is_blank() {
-                s.pending_lines += 1;
-            }
-        }
-        if s.pending_lines > before && s.oldest_pending.is_none_or(|t| e.mtime < t) {
-            s.oldest_pending = Some(e.mtime);
-        }
-    }
-    if let Ok(rd) = fs::read_dir(spool.files()) {
-        for d in rd.flatten() {
-            for lp in list_leases(&d.path()).unwrap_or_default() {
-                if let Some(doc) = read_lease(&lp) {
-                    let n = doc.lines.len() as u64;
-                    s.in_flight += n;
-                    *s.in_flight_by_instance.entry(doc.instance).or_default() += n;
-                }
-            }
-        }
-    }
-    Ok(s)
 }
 
 #[cfg(test)]

@@ -18,14 +18,18 @@
 
 pub mod claim;
 pub mod consume;
+mod fence;
 pub mod heartbeat;
 pub mod ident;
+mod instance;
 pub mod lease;
 pub mod lines;
 pub mod locks;
 pub mod records;
 pub mod scan;
 pub mod sidecar;
+mod summary;
+mod takeover;
 pub mod watch;
 
 use std::path::{Path, PathBuf};

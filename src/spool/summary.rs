@@ -1,0 +1,99 @@
+//! What `ttspool status` shows about the spool's unfinished lines: read
+//! only, matching files with their sidecars as a claim would.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::ident::{self, Probe};
+use super::lines::{LineReader, Next};
+use super::locks::Where;
+use super::scan::scan_all;
+use super::sidecar::{list_leases, read_cursor, read_lease};
+use super::Spool;
+
+/// What `status` shows about the spool's unfinished lines.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub pending_files: u64,
+    /// Entries of `pending/` that are not read: symlinks, FIFOs, devices,
+    /// folders.
+    pub rejected_files: u64,
+    pub pending_lines: u64,
+    pub in_flight: u64,
+    pub in_flight_by_instance: BTreeMap<String, u64>,
+    /// Modification time of the oldest file that still has unclaimed lines.
+    #[serde(skip)]
+    pub oldest_pending: Option<SystemTime>,
+}
+
+/// Counts unclaimed lines (streaming) and claimed-but-unrecorded ones.
+/// Reads only: files are matched with their sidecars as a claim would.
+pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
+    let mut s = Summary::default();
+    let pending = spool.pending();
+    let entries = match scan_all(&pending) {
+        Ok(found) => {
+            s.rejected_files = found.rejected.len() as u64;
+            found.files
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let here = Where::here(&spool.root, None)?;
+    let mount = ident::mount_tag(&here.boot_id, here.dev);
+    let mut known = BTreeMap::new();
+    if let Ok(rd) = fs::read_dir(spool.files()) {
+        for d in rd.flatten() {
+            let key = d.file_name().to_string_lossy().into_owned();
+            if let Some(id) = ident::read(&d.path()).or_else(|| ident::legacy(&key, &mount)) {
+                known.insert(key, id);
+            }
+        }
+    }
+    let mut opened = Vec::new();
+    for e in entries {
+        s.pending_files += 1;
+        let Ok(f) = super::scan::open_regular(&pending.join(&e.name)) else {
+            continue;
+        };
+        let Ok(p) = Probe::read(&e.name, &f) else {
+            continue;
+        };
+        opened.push((e, f, p));
+    }
+    let probes: Vec<Probe> = opened.iter().map(|(_, _, p)| p.clone()).collect();
+    let keys = ident::assign(&probes, &known, &mount);
+    for ((e, f, p), key) in opened.into_iter().zip(keys) {
+        let cur = key
+            .filter(|k| known[k].head_matches(&p))
+            .and_then(|k| read_cursor(&spool.files().join(k).join("cursor")).ok())
+            .filter(|c| c.offset <= p.size)
+            .unwrap_or_default();
+        let mut r = LineReader::open(f, cur.offset, cur.line, max_line_bytes)?;
+        let before = s.pending_lines;
+        while let Next::Line(l) = r.next(true)? {
+            if !l.is_blank() {
+                s.pending_lines += 1;
+            }
+        }
+        if s.pending_lines > before && s.oldest_pending.is_none_or(|t| e.mtime < t) {
+            s.oldest_pending = Some(e.mtime);
+        }
+    }
+    if let Ok(rd) = fs::read_dir(spool.files()) {
+        for d in rd.flatten() {
+            for lp in list_leases(&d.path()).unwrap_or_default() {
+                if let Some(doc) = read_lease(&lp) {
+                    let n = doc.lines.len() as u64;
+                    s.in_flight += n;
+                    *s.in_flight_by_instance.entry(doc.instance).or_default() += n;
+                }
+            }
+        }
+    }
+    Ok(s)
+}
