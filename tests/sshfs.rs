@@ -116,6 +116,41 @@ fn mount_twice(dir: &Path, share: &Path, at: &[PathBuf]) -> Option<Sshfs> {
     Some(m)
 }
 
+/// The config of daemon `name` with its spool through `mount`, as `file`.
+fn config_via(env: &Env, name: &str, mount: &Path, file: &str) -> PathBuf {
+    let text = fs::read_to_string(env.instance_config(name))
+        .unwrap()
+        .replace(
+            "dir = \"spool\"",
+            &format!("dir = \"{}/spool\"", mount.display()),
+        );
+    let p = env.root().join(file);
+    fs::write(&p, text).unwrap();
+    p
+}
+
+/// `ttspool run` with `config`, its log in `daemon-a.log`.
+fn spawn_with(env: &Env, config: &Path) -> Child {
+    let log = fs::File::create(env.root().join("daemon-a.log")).unwrap();
+    env.cmd_with(config, &["run"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Records in the share's logs, counted by `key` of each record.
+fn records_by(share: &Path, key: impl Fn(&serde_json::Value) -> String) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for r in read_jsonl(&share.join("spool/done.jsonl"))
+        .into_iter()
+        .chain(read_jsonl(&share.join("spool/failed.jsonl")))
+    {
+        *out.entry(key(&r)).or_default() += 1;
+    }
+    out
+}
+
 #[test]
 fn a_second_daemon_on_another_mount_of_a_lockless_share_refuses() {
     let env = Env::new("");
@@ -126,19 +161,11 @@ fn a_second_daemon_on_another_mount_of_a_lockless_share_refuses() {
         return;
     };
     // The two "hosts": the same config, each through its own mount.
-    let config = |name: &str, mount: &Path, file: &str| -> PathBuf {
-        let text = fs::read_to_string(env.instance_config(name))
-            .unwrap()
-            .replace(
-                "dir = \"spool\"",
-                &format!("dir = \"{}/spool\"", mount.display()),
-            );
-        let p = env.root().join(file);
-        fs::write(&p, text).unwrap();
-        p
-    };
-    let (ca, cb) = (config("a", &ma, "a.toml"), config("b", &mb, "b.toml"));
-    let ca_on_mb = config("a", &mb, "a-on-mb.toml");
+    let (ca, cb) = (
+        config_via(&env, "a", &ma, "a.toml"),
+        config_via(&env, "b", &mb, "b.toml"),
+    );
+    let ca_on_mb = config_via(&env, "a", &mb, "a-on-mb.toml");
     let check = env.cmd_with(&cb, &["check"]).output().unwrap();
     let warn = String::from_utf8_lossy(&check.stderr);
     assert!(
@@ -149,24 +176,8 @@ fn a_second_daemon_on_another_mount_of_a_lockless_share_refuses() {
     let tmp = ma.join("spool/pending/.s.tmp");
     fs::write(&tmp, lines).unwrap();
     fs::rename(&tmp, ma.join("spool/pending/s.jsonl")).unwrap();
-    let log_a = fs::File::create(env.root().join("daemon-a.log")).unwrap();
-    let mut a = env
-        .cmd_with(&ca, &["run"])
-        .stdout(Stdio::null())
-        .stderr(log_a)
-        .spawn()
-        .unwrap();
-    let records = || -> HashMap<u64, usize> {
-        let mut out = HashMap::new();
-        for r in read_jsonl(&share.join("spool/done.jsonl"))
-            .into_iter()
-            .chain(read_jsonl(&share.join("spool/failed.jsonl")))
-        {
-            *out.entry(r["source"]["line"].as_u64().unwrap())
-                .or_default() += 1;
-        }
-        out
-    };
+    let mut a = spawn_with(&env, &ca);
+    let records = || records_by(&share, |r| r["source"]["line"].to_string());
     wait_until(60, "a at work", || !records().is_empty());
     // b, through the other mount, and again under a's own name.
     for (name, conf) in [("b", &cb), ("a (again)", &ca_on_mb)] {
@@ -199,18 +210,10 @@ fn a_daemon_restarted_on_another_mount_of_the_share_keeps_the_claims() {
     let Some(_mounts) = mount_twice(env.root(), &share, &[ma.clone(), mb.clone()]) else {
         return;
     };
-    let config = |mount: &Path, file: &str| -> PathBuf {
-        let text = fs::read_to_string(env.instance_config("a"))
-            .unwrap()
-            .replace(
-                "dir = \"spool\"",
-                &format!("dir = \"{}/spool\"", mount.display()),
-            );
-        let p = env.root().join(file);
-        fs::write(&p, text).unwrap();
-        p
-    };
-    let (ca, cb) = (config(&ma, "a.toml"), config(&mb, "b.toml"));
+    let (ca, cb) = (
+        config_via(&env, "a", &ma, "a.toml"),
+        config_via(&env, "a", &mb, "b.toml"),
+    );
     // sshfs numbers inodes per mount, in the order it meets paths: let
     // mount b meet other files first, so the task file's numbers differ.
     for i in 0..5 {
@@ -235,24 +238,8 @@ fn a_daemon_restarted_on_another_mount_of_the_share_keeps_the_claims() {
             .ino(),
     );
     assert_ne!(ia, ib, "the two mounts must number the file differently");
-    let log_a = fs::File::create(env.root().join("daemon-a.log")).unwrap();
-    let mut a = env
-        .cmd_with(&ca, &["run"])
-        .stdout(Stdio::null())
-        .stderr(log_a)
-        .spawn()
-        .unwrap();
-    let records = || -> HashMap<String, usize> {
-        let mut out = HashMap::new();
-        for r in read_jsonl(&share.join("spool/done.jsonl"))
-            .into_iter()
-            .chain(read_jsonl(&share.join("spool/failed.jsonl")))
-        {
-            *out.entry(r["id"].as_str().unwrap().to_string())
-                .or_default() += 1;
-        }
-        out
-    };
+    let mut a = spawn_with(&env, &ca);
+    let records = || records_by(&share, |r| r["id"].as_str().unwrap().to_string());
     wait_until(60, "a few records", || records().len() >= 4);
     sigterm(&a);
     assert!(a.wait().unwrap().success());
