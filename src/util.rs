@@ -103,7 +103,12 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// An I/O error as a person reads it: "not found" rather than "No such
+/// file or directory (os error 2)".
 pub fn io_msg(e: &io::Error) -> String {
+    if e.raw_os_error().is_none() {
+        return e.to_string(); // ours, with its own words (see with_path)
+    }
     match e.kind() {
         io::ErrorKind::NotFound => "not found".into(),
         io::ErrorKind::PermissionDenied => "permission denied".into(),

@@ -77,11 +77,7 @@ pub fn committer(
                 Err(e) if crate::util::is_disk_full(&e) && !once => {
                     let bytes = batch.iter().map(|c| c.record.to_line().len() as u64).sum();
                     let _ = tx.send(Event::DiskFull {
-                        what: format!(
-                            "cannot write records to {}: {}",
-                            log.done.display(),
-                            crate::util::io_msg(&e)
-                        ),
+                        what: crate::util::io_msg(&e),
                         needed: bytes,
                     });
                     // Until the wait is over, or the file system shows room.
@@ -107,12 +103,7 @@ pub fn committer(
                 let _ = tx.send(Event::Committed(list));
             }
             Err(e) => {
-                let _ = tx.send(Event::CommitFailed(format!(
-                    "{} / {}: {}",
-                    log.done.display(),
-                    log.failed.display(),
-                    crate::util::io_msg(&e)
-                )));
+                let _ = tx.send(Event::CommitFailed(crate::util::io_msg(&e)));
                 return;
             }
         }

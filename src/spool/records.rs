@@ -188,6 +188,10 @@ impl RecordLog {
         if lines.is_empty() {
             return Ok(());
         }
+        Self::append(path, lines).map_err(|e| crate::util::with_path("append to", path, e))
+    }
+
+    fn append(path: &Path, lines: &[String]) -> io::Result<()> {
         let mut f = OpenOptions::new()
             .create(true)
             .read(true)
@@ -218,9 +222,12 @@ impl RecordLog {
     /// Cuts a log back to `len` (undoing a group whose other half failed).
     /// The caller holds [`RecordLog::lock`].
     pub fn truncate_locked(path: &Path, len: u64) -> io::Result<()> {
-        let f = OpenOptions::new().write(true).open(path)?;
-        f.set_len(len)?;
-        f.sync_data()
+        let cut = || {
+            let f = OpenOptions::new().write(true).open(path)?;
+            f.set_len(len)?;
+            f.sync_data()
+        };
+        cut().map_err(|e| crate::util::with_path("truncate", path, e))
     }
 
     /// Current sizes of (done, failed); records appended later start there.
