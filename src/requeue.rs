@@ -48,7 +48,7 @@ pub fn requeue(cfg: &Config, all: bool, kind: Option<&str>, ids: &[String]) -> a
         if !(all || kind.is_some() || !wanted.is_empty()) || !kind_ok || !id_ok {
             return;
         }
-        if done_before.contains(&r.trace_id) {
+        if done_before.contains(r.trace_id.as_str()) {
             return;
         }
         let Ok(v) = serde_json::from_str::<Value>(text) else {

@@ -234,7 +234,7 @@ mod tests {
                 },
                 output: PathBuf::from(format!("/out/{name}.wav")),
                 prompt_audio: None,
-                trace_id: String::new(),
+                trace_id: Default::default(),
             },
             claimed_at: String::new(),
             attempts: 0,

@@ -47,7 +47,7 @@ pub struct Job {
     pub output: PathBuf,
     /// `prompt_audio` resolved inside the voices folder.
     pub prompt_audio: Option<PathBuf>,
-    pub trace_id: String,
+    pub trace_id: TraceId,
 }
 
 /// A place to run children: pinned to a GPU, or one of `max_parallel`.
@@ -107,7 +107,7 @@ pub struct Source {
 pub struct Common {
     pub id: String,
     pub source: Source,
-    pub trace_id: String,
+    pub trace_id: TraceId,
     pub instance: String,
     /// Our sidecar identity of the source file (`<key>#<generation>`), so a
     /// daemon taking over a lease can tell which of its lines have records.
@@ -232,6 +232,55 @@ pub const EVENTS: &[&str] = &[
     "task.failed",
     "file.completed",
 ];
+
+/// One run of one line through the daemon, from claim to record: in every
+/// log line (`trace_id=`), the record, the webhook and the engine's
+/// environment (`TTSPOOL_TRACE_ID`). A lowercase ULID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TraceId(String);
+
+impl TraceId {
+    pub fn new() -> TraceId {
+        TraceId(ulid::Ulid::new().to_string().to_lowercase())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A webhook message's id (`msg_<ULID>`): the `webhook-id` header, the
+/// same on every attempt, so receivers can drop duplicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MsgId(String);
+
+impl MsgId {
+    /// A new id.
+    pub fn new() -> MsgId {
+        MsgId(format!("msg_{}", ulid::Ulid::new()))
+    }
+    /// The id for a ULID made from the message's content, so a message
+    /// announced twice (a crash in between) keeps its id.
+    pub fn from_ulid(id: ulid::Ulid) -> MsgId {
+        MsgId(format!("msg_{id}"))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Which file (sidecar key) and which generation of it a line came from:
 /// `<key>#<gen>` in records, so a daemon taking over a lease can tell which

@@ -36,7 +36,7 @@ use ttspool::spool::lease::{LeaseBook, Settled};
 use ttspool::spool::lines::Line;
 use ttspool::spool::records::RecordLog;
 use ttspool::spool::Spool;
-use ttspool::vocab::{Common, ErrorKind, FileId, Record, Source};
+use ttspool::vocab::{Common, ErrorKind, FileId, Record, Source, TraceId};
 
 const DAEMONS: usize = 3;
 const FILES: usize = 2;
@@ -240,7 +240,7 @@ impl World {
                     line: c.no,
                     file_escaped: None,
                 },
-                trace_id: ulid::Ulid::new().to_string(),
+                trace_id: TraceId::new(),
                 instance: self.daemons[i].name.clone(),
                 file_id: c.file_id.clone(),
             },

@@ -35,7 +35,7 @@ use crate::spool::lease::{LeaseBook, Settled};
 use crate::spool::lines::{Line, RAW_KEEP};
 use crate::task::{self, parse_line, TaskRules};
 use crate::util::{cut, now_rfc3339};
-use crate::vocab::{Common, ErrorKind, Record, Source};
+use crate::vocab::{Common, ErrorKind, Record, Source, TraceId};
 use crate::webhook::Settings;
 
 /// The most lines one claim takes when claims bring no engine work.
@@ -770,7 +770,7 @@ impl Core {
     /// A freshly claimed line: parse it, then fail, skip or queue it.
     fn accept(&mut self, c: Claimed) {
         let claimed_at = now_rfc3339();
-        let trace_id = ulid::Ulid::new().to_string().to_lowercase();
+        let trace_id = TraceId::new();
         let cref = ClaimRef {
             lease: c.lease,
             token: c.token,
@@ -870,7 +870,7 @@ impl Core {
         }
     }
 
-    fn common(&self, c: &ClaimRef, id: String, trace_id: String) -> Common {
+    fn common(&self, c: &ClaimRef, id: String, trace_id: TraceId) -> Common {
         Common {
             id,
             source: Source {

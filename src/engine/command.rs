@@ -80,7 +80,7 @@ impl CommandEngine {
         }
         // No stale file can hold this name: the trace id is new with every
         // claim, and a failed attempt removes its own temp file.
-        let tmp = super::sweep::temp_path(&job.output, &self.instance, &job.trace_id);
+        let tmp = super::sweep::temp_path(&job.output, &self.instance, job.trace_id.as_str());
         let t = &job.task;
         let (tmp_s, prompt_audio) = (
             tmp.to_string_lossy(),
@@ -97,9 +97,12 @@ impl CommandEngine {
             }
         };
         let argv: Vec<String> = self.argv.iter().map(|a| a.render(value)).collect();
-        let env = self
-            .env
-            .for_task(&t.id, &tmp, slot, &[("TTSPOOL_TRACE_ID", &job.trace_id)]);
+        let env = self.env.for_task(
+            &t.id,
+            &tmp,
+            slot,
+            &[("TTSPOOL_TRACE_ID", job.trace_id.as_str())],
+        );
         let spec = ChildSpec {
             argv,
             base: self.env.base().clone(),

@@ -252,7 +252,7 @@ pub struct StoredRecord {
     #[serde(default)]
     pub instance: String,
     #[serde(default)]
-    pub trace_id: String,
+    pub trace_id: crate::vocab::TraceId,
 }
 
 /// Reads records from `path` starting at byte `from`, calling `f` with each

@@ -84,11 +84,11 @@ pub async fn attempt(client: &reqwest::Client, s: &Settings, m: &Message) -> Att
         );
     }
     let ts = time::OffsetDateTime::now_utc().unix_timestamp();
-    let sig = sign::signature(&s.keys, &m.msg_id, ts, m.body.as_bytes());
+    let sig = sign::signature(&s.keys, m.msg_id.as_str(), ts, m.body.as_bytes());
     let mut req = client
         .post(url)
         .header("content-type", "application/json")
-        .header("webhook-id", &m.msg_id)
+        .header("webhook-id", m.msg_id.as_str())
         .header("webhook-timestamp", ts.to_string())
         .header("webhook-signature", sig);
     for (k, v) in &s.headers {

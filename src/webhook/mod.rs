@@ -30,7 +30,7 @@ pub use crate::vocab::EVENTS;
 /// One message: what is sent, to where, with the same id on every attempt.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Message {
-    pub msg_id: String,
+    pub msg_id: crate::vocab::MsgId,
     pub event: String,
     /// The task id (or the file name for `file.completed`).
     pub id: String,
@@ -174,7 +174,7 @@ impl Settings {
             format!("file.completed {}", f.file_id).as_bytes(),
         )));
         Some(Message {
-            msg_id: format!("msg_{id}"),
+            msg_id: crate::vocab::MsgId::from_ulid(id),
             event: "file.completed".into(),
             id: f.file.clone(),
             url,
@@ -259,8 +259,8 @@ fn standard_body(event: &str, rec: &Record) -> String {
         .to_string()
 }
 
-pub fn new_msg_id() -> String {
-    format!("msg_{}", ulid::Ulid::new())
+pub fn new_msg_id() -> crate::vocab::MsgId {
+    crate::vocab::MsgId::new()
 }
 
 fn sha2_16(b: &[u8]) -> [u8; 16] {
