@@ -91,6 +91,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
     pub retention: RetentionConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -321,6 +323,50 @@ pub struct MetricsConfig {
     /// Also write the metrics to this file for node_exporter's textfile collector.
     #[serde(default)]
     pub textfile: Option<PathBuf>,
+}
+
+/// The HTTP API (SPEC §11): tasks in over HTTP, status out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where to listen, e.g. `"0.0.0.0:8080"`; empty: no API.
+    #[serde(default)]
+    pub listen: String,
+    /// Bearer tokens, one `name:token` per line (several: rotation).
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// A `whsec_...` secret: requests signed with it (Standard Webhooks)
+    /// are accepted. `$TTSPOOL_API_SECRET` also works.
+    #[serde(default)]
+    pub verify_secret_file: Option<PathBuf>,
+    #[serde(default = "default_api_max_body")]
+    pub max_body: Size,
+    /// > 0: answer 429 while more task lines than this wait unclaimed.
+    #[serde(default)]
+    pub max_pending_lines: u64,
+    #[serde(default = "default_idempotency_ttl")]
+    pub idempotency_ttl: Dur,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            listen: String::new(),
+            tokens_file: None,
+            verify_secret_file: None,
+            max_body: default_api_max_body(),
+            max_pending_lines: 0,
+            idempotency_ttl: default_idempotency_ttl(),
+        }
+    }
+}
+
+fn default_api_max_body() -> Size {
+    Size(1 << 20)
+}
+
+fn default_idempotency_ttl() -> Dur {
+    Dur(Duration::from_secs(7 * 24 * 3600))
 }
 
 /// A byte size written as `"256MiB"`, `"1GB"`, `"4096"`.
@@ -612,7 +658,15 @@ impl Config {
         if let Some(f) = cfg.metrics.textfile.as_mut().filter(|r| r.is_relative()) {
             *f = base.join(&*f);
         }
-        if let Some(f) = cfg.webhook.secret_file.as_mut().filter(|r| r.is_relative()) {
+        for f in [
+            cfg.webhook.secret_file.as_mut(),
+            cfg.api.tokens_file.as_mut(),
+            cfg.api.verify_secret_file.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|r| r.is_relative())
+        {
             *f = base.join(&*f);
         }
         if let Some(root) = cfg.engine.root.as_mut().filter(|r| r.is_relative()) {
@@ -725,6 +779,30 @@ impl Config {
                     "metrics.listen",
                     "must be an address like \"127.0.0.1:9464\"",
                 ));
+            }
+        }
+        if !self.api.listen.is_empty() {
+            let Ok(addr) = self.api.listen.parse::<std::net::SocketAddr>() else {
+                return Err(bad(
+                    "api.listen",
+                    "must be an address like \"127.0.0.1:8080\" (or empty: no API)",
+                ));
+            };
+            let can_auth = self.api.tokens_file.is_some()
+                || self.api.verify_secret_file.is_some()
+                || std::env::var_os("TTSPOOL_API_SECRET").is_some();
+            if !addr.ip().is_loopback() && !can_auth {
+                return Err(bad(
+                    "api.listen",
+                    &format!(
+                        "{addr} is reachable from other hosts, but no way to authenticate is set: \
+                         set api.tokens_file (lines of name:token) or api.verify_secret_file \
+                         (or $TTSPOOL_API_SECRET), or listen on 127.0.0.1 behind a proxy"
+                    ),
+                ));
+            }
+            if self.api.max_body.0 < 1024 {
+                return Err(bad("api.max_body", "must be at least 1KiB"));
             }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {

@@ -30,7 +30,8 @@
 //!   engine, and the sweep of what killed runs leave ([`engine::sweep`]).
 //! - [`webhook`]: signed webhooks: the outbox written with the records,
 //!   delivery with retries, name lookups on their own threads, the SSRF guard.
-//! - [`api`]: the HTTP server (axum on hyper): `/metrics` today.
+//! - [`report`]: the spool's figures (`status --json`, `GET /v1/status`).
+//! - [`api`]: the HTTP server (axum on hyper): the task API and `/metrics`.
 //! - [`daemon`]: the event loop that wires the stages, signals and shutdown;
 //!   [`submit`], [`check`], [`status`], [`requeue`]: the other commands.
 //! - [`app`]: what the binary runs; `main.rs` only maps its result to an
@@ -49,6 +50,7 @@ pub mod logging;
 pub mod metrics;
 pub mod process;
 pub mod redact;
+pub mod report;
 pub mod requeue;
 pub mod retention;
 pub mod scheduler;

@@ -25,6 +25,7 @@ const LAYERS: &[&[&str]] = &[
     &["scheduler", "process"],
     &["engine"],
     &["webhook"],
+    &["report"],
     &["api"],
     // The commands, and the daemon that wires the stages.
     &["daemon", "submit", "check", "status", "requeue"],

@@ -1,8 +1,7 @@
-//! The daemon's HTTP server: axum routes on hyper connections.
-//!
-//! Today it serves Prometheus metrics on `metrics.listen`; the task API of
-//! SPEC §11 is to be mounted on the same stack. What a hand-written server
-//! gets wrong is left to the libraries and to three limits set here:
+//! The daemon's HTTP server: axum routes on hyper connections. It serves
+//! the task API of SPEC §11 on `api.listen` (tasks.rs; with `/metrics`)
+//! and Prometheus metrics alone on `metrics.listen`. What a hand-written
+//! server gets wrong is left to the libraries and to three limits set here:
 //!
 //! - **Connections are bounded.** A connection holds a permit of a
 //!   semaphore sized from `RLIMIT_NOFILE` (a quarter of it, 16–1024), and
@@ -36,6 +35,11 @@ use tower_http::trace::TraceLayer;
 
 use crate::metrics::Metrics;
 
+pub mod auth;
+pub mod index;
+pub mod publish;
+pub mod tasks;
+
 /// A connection must send a whole request head within this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request must be answered within this.
@@ -59,14 +63,20 @@ pub fn connection_limit() -> usize {
     (soft / 4).clamp(16, 1024)
 }
 
-/// The Prometheus routes: `GET /metrics` (and `/`).
+async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+}
+
+/// `GET /metrics` alone, to merge into another router.
+pub fn metrics_route(m: Arc<Metrics>) -> Router {
+    Router::new().route("/metrics", get(render)).with_state(m)
+}
+
+/// The Prometheus routes for `metrics.listen`: `GET /metrics` (and `/`).
 pub fn metrics_routes(m: Arc<Metrics>) -> Router {
-    async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-        (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            m.render(),
-        )
-    }
     Router::new()
         .route("/metrics", get(render))
         .route("/", get(render))

@@ -110,6 +110,8 @@ pub enum Effect {
     Reload(PathBuf),
     /// New webhook settings (after a reload).
     Settings(Arc<Settings>),
+    /// The config as it runs after a reload (for the HTTP API).
+    Reconfigured(Box<Config>),
     /// Deliver `Event` at `Instant`.
     Timer(Instant, Event),
     /// Tell systemd.
@@ -144,6 +146,7 @@ impl std::fmt::Debug for Effect {
             Effect::Announce(files) => write!(f, "Announce({})", files.len()),
             Effect::Reload(p) => write!(f, "Reload({})", p.display()),
             Effect::Settings(_) => write!(f, "Settings"),
+            Effect::Reconfigured(_) => write!(f, "Reconfigured"),
             Effect::Timer(_, _) => write!(f, "Timer"),
             Effect::Notify(n) => write!(f, "Notify({n:?})"),
         }
@@ -929,6 +932,8 @@ impl Core {
         keep!(limits.max_line_bytes, "limits.max_line_bytes");
         keep!(metrics.listen, "metrics.listen");
         keep!(metrics.textfile, "metrics.textfile");
+        keep!(api.listen, "api.listen");
+        keep!(api.max_body, "api.max_body");
         if let Err(e) = (self.opts.set_level)(&new.log.level) {
             warn!("log.level {:?} not applied: {e}", new.log.level);
         }
@@ -937,6 +942,7 @@ impl Core {
         self.sched.set_slots(engine::slots(&new));
         self.metrics.set_slots(&engine::slots(&new));
         self.fx.push(Effect::Settings(Arc::new(settings)));
+        self.fx.push(Effect::Reconfigured(Box::new(new.clone())));
         self.cfg = new;
         if restart.is_empty() {
             info!(config = %self.cfg.path.display(), slots = self.cfg.slot_count(), "config reloaded");

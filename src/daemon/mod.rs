@@ -164,6 +164,27 @@ pub async fn run(
             .store(true, std::sync::atomic::Ordering::Relaxed);
         info!(%addr, "serving Prometheus metrics on /metrics");
     }
+    let api = match cfg.api.listen.as_str() {
+        "" => None,
+        listen => {
+            let addr: std::net::SocketAddr = listen.parse()?;
+            let state = crate::api::tasks::ApiState::new(&cfg)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
+            let routes = crate::api::tasks::routes(
+                state.clone(),
+                metrics.clone(),
+                cfg.api.max_body.0 as usize,
+            );
+            let bound = crate::api::serve(addr, routes)
+                .await
+                .map_err(|e| anyhow::anyhow!("api.listen {addr}: {}", crate::util::io_msg(&e)))?;
+            metrics
+                .served
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            info!(addr = %bound, "serving the task API on /v1/tasks (and /metrics)");
+            Some(state)
+        }
+    };
     let hooks = deliver::spawn(
         settings.clone(),
         spool.clone(),
@@ -221,6 +242,7 @@ pub async fn run(
         webhooks,
         metrics: metrics.clone(),
         cancels: HashMap::new(),
+        api,
     };
     let mut d = Core::new(cfg, opts, engine, metrics, held, world);
     let mut poll = tokio::time::interval(d.cfg().spool.poll_interval.0);

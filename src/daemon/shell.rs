@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use super::committer::Webhooks;
 use super::core::{Beat, Commit, Effect, Event, Housekeeping, Notify, Start, World};
+use crate::api::tasks::ApiState;
 use crate::config::Config;
 use crate::engine::{Job, Outcome, SlotRelease};
 use crate::metrics::Metrics;
@@ -59,6 +60,8 @@ pub struct Shell {
     pub metrics: Arc<Metrics>,
     /// Running batches' stop switches.
     pub cancels: HashMap<u64, watch::Sender<bool>>,
+    /// The HTTP API, when `api.listen` is set.
+    pub api: Option<Arc<ApiState>>,
 }
 
 impl Shell {
@@ -132,7 +135,17 @@ impl Shell {
                     let _ = tx.send(ev);
                 });
             }
+            Effect::Reconfigured(cfg) => {
+                if let Some(api) = &self.api {
+                    api.reload(&cfg);
+                }
+            }
             Effect::Notify(n) => {
+                if n == Notify::Ready {
+                    if let Some(api) = &self.api {
+                        api.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 let state = match n {
                     Notify::Ready => sd_notify::NotifyState::Ready,
                     Notify::Stopping => sd_notify::NotifyState::Stopping,

@@ -137,6 +137,86 @@ impl RecordLog {
         Ok(bad)
     }
 
+    /// Reads the records appended since `at` (rotated files included) and
+    /// moves `at` past them; `f` gets each record and where it is. Lines
+    /// not yet complete are left for the next call. If a rotation happens
+    /// meanwhile, nothing is reported and `at` stays: call again.
+    pub fn follow(
+        &self,
+        at: &mut Follow,
+        mut f: impl FnMut(StoredRecord, RecordAt),
+    ) -> io::Result<()> {
+        let (current, _) = self.epoch();
+        let mut next = at.clone();
+        let mut seen = Vec::new();
+        for (done, path, kind) in [(true, &self.done, "done"), (false, &self.failed, "failed")] {
+            let st = if done {
+                &mut next.done
+            } else {
+                &mut next.failed
+            };
+            for (ep, p) in self.rotated(kind) {
+                if ep >= st.0 && ep < current {
+                    let from = if ep == st.0 { st.1 } else { 0 };
+                    read_records_at(&p, from, |r, offset| {
+                        seen.push((
+                            r,
+                            RecordAt {
+                                done,
+                                epoch: ep,
+                                offset,
+                            },
+                        ))
+                    })?;
+                    *st = (ep + 1, 0);
+                }
+            }
+            if st.0 < current {
+                *st = (current, 0);
+            }
+            st.1 = read_records_at(path, st.1, |r, offset| {
+                seen.push((
+                    r,
+                    RecordAt {
+                        done,
+                        epoch: current,
+                        offset,
+                    },
+                ))
+            })?;
+        }
+        if self.epoch().0 != current {
+            return Ok(()); // rotated under us: read again next time
+        }
+        *at = next;
+        for (r, w) in seen {
+            f(r, w);
+        }
+        Ok(())
+    }
+
+    /// The JSON of the record at `at` (see [`RecordLog::follow`]).
+    pub fn record_at(&self, at: RecordAt) -> io::Result<Option<String>> {
+        let (kind, current) = if at.done {
+            ("done", &self.done)
+        } else {
+            ("failed", &self.failed)
+        };
+        let path = if at.epoch == self.epoch().0 {
+            current.clone()
+        } else {
+            match self.rotated(kind).into_iter().find(|(e, _)| *e == at.epoch) {
+                Some((_, p)) => p,
+                None => return Ok(None), // deleted by hand
+            }
+        };
+        let mut f = File::open(&path)?;
+        f.seek(SeekFrom::Start(at.offset))?;
+        let mut line = Vec::new();
+        BufReader::new(f).read_until(b'\n', &mut line)?;
+        Ok(Some(String::from_utf8_lossy(&line).trim().to_string()))
+    }
+
     /// Every record, rotated files included.
     pub fn read_all(&self, f: impl FnMut(StoredRecord, &str, bool)) -> io::Result<u64> {
         self.read_since(Pos::default(), f)
@@ -253,6 +333,52 @@ pub struct StoredRecord {
     pub instance: String,
     #[serde(default)]
     pub trace_id: crate::vocab::TraceId,
+}
+
+/// How far a follower has read each log: (epoch, offset) for done and failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Follow {
+    done: (u64, u64),
+    failed: (u64, u64),
+}
+
+/// Where a record is: which log, which epoch of it, at which byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordAt {
+    pub done: bool,
+    pub epoch: u64,
+    pub offset: u64,
+}
+
+/// Reads the complete records of `path` from byte `from`, with the offset
+/// of each; returns where the last complete line ends.
+fn read_records_at(
+    path: &Path,
+    from: u64,
+    mut f: impl FnMut(StoredRecord, u64),
+) -> io::Result<u64> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(from),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let from = if from > len { 0 } else { from }; // replaced by a smaller file
+    file.seek(SeekFrom::Start(from))?;
+    let mut r = BufReader::with_capacity(64 * 1024, file);
+    let mut line = Vec::new();
+    let mut at = from;
+    loop {
+        line.clear();
+        let n = r.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(at); // the end, or a line still being written
+        }
+        if let Ok(rec) = serde_json::from_slice::<StoredRecord>(line.trim_ascii()) {
+            f(rec, at);
+        }
+        at += n as u64;
+    }
 }
 
 /// Reads records from `path` starting at byte `from`, calling `f` with each
