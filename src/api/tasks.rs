@@ -318,7 +318,7 @@ async fn post_tasks(
     };
     if max_pending > 0 {
         let backlog = st.backlog().await;
-        if backlog + tasks.len() as u64 > max_pending {
+        if backlog > max_pending {
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_pending",
