@@ -191,12 +191,20 @@ fn throughput() {
     let _ = py.wait();
     row(
         "POST /v1/tasks: ttspool (durable), 10k, c=16",
-        format!("{rate:.0} tasks/s, p50 {:.1} p99 {:.1} ms", pct(&lat, 0.5), pct(&lat, 0.99)),
+        format!(
+            "{rate:.0} tasks/s, p50 {:.1} p99 {:.1} ms",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        ),
         ">= 2000/s, p99 < 50 ms",
     );
     row(
         "  baseline: Python http.server, no fsync",
-        format!("{brate:.0} tasks/s, p50 {:.1} p99 {:.1} ms", pct(&blat, 0.5), pct(&blat, 0.99)),
+        format!(
+            "{brate:.0} tasks/s, p50 {:.1} p99 {:.1} ms",
+            pct(&blat, 0.5),
+            pct(&blat, 0.99)
+        ),
         "",
     );
 }
@@ -291,7 +299,11 @@ fn end_to_end() {
     lat.sort();
     row(
         "POST -> webhook arrives (cp engine, 300 tasks)",
-        format!("p50 {:.1} ms, p99 {:.1} ms", pct(&lat, 0.5), pct(&lat, 0.99)),
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        ),
         "p50 < 30 ms, p99 < 100 ms",
     );
 }
@@ -302,7 +314,10 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    println!("| {:<46} | {:>30} | {:<26} |", "benchmark", "result", "target");
+    println!(
+        "| {:<46} | {:>30} | {:<26} |",
+        "benchmark", "result", "target"
+    );
     println!("|{}|{}|{}|", "-".repeat(48), "-".repeat(32), "-".repeat(28));
     if want("throughput") {
         throughput();
