@@ -44,6 +44,12 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             daemonize,
             pidfile,
         } => {
+            // Unreadable API credentials are a config error, found before
+            // anything starts.
+            if !cfg.api.listen.is_empty() {
+                crate::api::auth::Auth::load(&cfg.api)
+                    .map_err(|e| Failure::Config(format!("{}: {e}", cfg.path.display())))?;
+            }
             if daemonize {
                 crate::detach::detach(pidfile.as_deref().expect("clap requires it"))?;
             }

@@ -47,6 +47,16 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
         }
         EngineKind::Glmtts => problems.extend(check_glmtts(cfg)),
     }
+    if !cfg.api.listen.is_empty() {
+        match crate::api::auth::Auth::load(&cfg.api) {
+            Ok(a) if a.is_open() => println!(
+                "ok: api.listen {} (loopback, no credentials needed)",
+                cfg.api.listen
+            ),
+            Ok(a) => println!("ok: api.listen {}: {a:?}", cfg.api.listen),
+            Err(e) => problems.push(format!("{}: {e}", cfg.path.display())),
+        }
+    }
     for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }

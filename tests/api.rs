@@ -294,6 +294,29 @@ fn requests_without_valid_credentials_are_refused() {
     assert_eq!(r.status, 401, "{}", r.body);
     assert!(r.body.contains("timestamp"), "{}", r.body);
     wait_until(30, "two records", || api.env.records() == 2);
+    // Rotation: a new token in the file, a reload, the old one is refused.
+    fs::write(&tokens, "orders:tok-new-0123456789abcdef\n").unwrap();
+    unsafe { libc::kill(api.daemon.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+    wait_until(30, "the new token accepted", || {
+        let r = api.post(
+            "application/json",
+            task("s4", "x").as_bytes(),
+            &[
+                "-H",
+                "Authorization: Bearer tok-new-0123456789abcdef",
+                "-H",
+                "Idempotency-Key: s4",
+            ],
+        );
+        r.status == 202
+    });
+    let r = api.post(
+        "application/json",
+        body.as_bytes(),
+        &["-H", "Authorization: Bearer tok-0123456789abcdef"],
+    );
+    assert_eq!(r.status, 401, "{}", r.body);
+    wait_until(30, "three records", || api.env.records() == 3);
     let log = fs::read_to_string(api.env.root().join("daemon-a.log")).unwrap();
     assert!(log.contains("who=orders"), "the token's name is logged");
     assert!(!log.contains("tok-0123456789abcdef"), "the token never is");
