@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -211,48 +210,14 @@ fn throughput() {
 
 /// A receiver that notes when each task's webhook arrives.
 fn hook_receiver() -> (u16, Arc<Mutex<HashMap<String, Instant>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let s = seen.clone();
-    std::thread::spawn(move || {
-        for conn in l.incoming().flatten() {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let mut r = BufReader::new(conn);
-                loop {
-                    let mut len = 0usize;
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    if r.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let now = Instant::now();
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-                        if let Some(id) = v["data"]["id"].as_str() {
-                            s.lock().unwrap().insert(id.to_string(), now);
-                        }
-                    }
-                    if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+    let port = common::receiver(move |body| {
+        let now = Instant::now();
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+            if let Some(id) = v["data"]["id"].as_str() {
+                s.lock().unwrap().insert(id.to_string(), now);
+            }
         }
     });
     (port, seen)
@@ -309,16 +274,7 @@ fn end_to_end() {
 }
 
 fn main() {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    println!(
-        "| {:<46} | {:>30} | {:<26} |",
-        "benchmark", "result", "target"
-    );
-    println!("|{}|{}|{}|", "-".repeat(48), "-".repeat(32), "-".repeat(28));
+    let want = common::selection(30);
     if want("throughput") {
         throughput();
     }

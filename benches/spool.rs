@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -367,17 +367,7 @@ fn latency(watch: &str, label: &str, iterations: usize) {
 
 fn main() {
     // `cargo bench -- NAME` runs only the benchmarks whose name contains NAME.
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    let _ = Path::new(BIN);
-    println!(
-        "| {:<46} | {:>22} | {:<26} |",
-        "benchmark", "result", "target"
-    );
-    println!("|{}|{}|{}|", "-".repeat(48), "-".repeat(24), "-".repeat(28));
+    let want = common::selection(22);
     if want("memory") {
         memory();
     }

@@ -3,7 +3,7 @@
 //! 100,000 undelivered messages (receiver down: peak RSS must stay bounded).
 
 use std::fs;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,58 +11,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ttspool");
+
+#[path = "common/mod.rs"]
+mod common;
 const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
 /// First and last request times.
 type Span = Arc<Mutex<(Option<Instant>, Option<Instant>)>>;
 
-/// A minimal HTTP/1.1 keep-alive receiver that answers 200 to every POST.
+/// The receiver, counting deliveries and noting the first and last.
 fn receiver() -> (u16, Arc<AtomicUsize>, Span) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
     let count = Arc::new(AtomicUsize::new(0));
-    let span = Arc::new(Mutex::new((None, None)));
+    let span: Span = Arc::new(Mutex::new((None, None)));
     let (c, s) = (count.clone(), span.clone());
-    std::thread::spawn(move || {
-        for conn in l.incoming().flatten() {
-            let (c, s) = (c.clone(), s.clone());
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let mut r = BufReader::new(conn);
-                loop {
-                    let mut len = 0usize;
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    if r.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let now = Instant::now();
-                    {
-                        let mut g = s.lock().unwrap();
-                        g.0.get_or_insert(now);
-                        g.1 = Some(now);
-                    }
-                    c.fetch_add(1, Ordering::SeqCst);
-                    if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+    let port = common::receiver(move |_| {
+        let now = Instant::now();
+        {
+            let mut g = s.lock().unwrap();
+            g.0.get_or_insert(now);
+            g.1 = Some(now);
         }
+        c.fetch_add(1, Ordering::SeqCst);
     });
     (port, count, span)
 }

@@ -116,6 +116,15 @@ fn mount_twice(dir: &Path, share: &Path, at: &[PathBuf]) -> Option<Sshfs> {
     Some(m)
 }
 
+/// A folder `share` with a spool, mounted at `ma` and `mb`.
+fn share_mounted_twice(env: &Env) -> Option<(PathBuf, PathBuf, PathBuf, Sshfs)> {
+    let share = env.root().join("share");
+    fs::create_dir_all(share.join("spool/pending")).unwrap();
+    let (ma, mb) = (env.root().join("ma"), env.root().join("mb"));
+    let mounts = mount_twice(env.root(), &share, &[ma.clone(), mb.clone()])?;
+    Some((share, ma, mb, mounts))
+}
+
 /// The config of daemon `name` with its spool through `mount`, as `file`.
 fn config_via(env: &Env, name: &str, mount: &Path, file: &str) -> PathBuf {
     let text = fs::read_to_string(env.instance_config(name))
@@ -154,10 +163,7 @@ fn records_by(share: &Path, key: impl Fn(&serde_json::Value) -> String) -> HashM
 #[test]
 fn a_second_daemon_on_another_mount_of_a_lockless_share_refuses() {
     let env = Env::new("");
-    let share = env.root().join("share");
-    fs::create_dir_all(share.join("spool/pending")).unwrap();
-    let (ma, mb) = (env.root().join("ma"), env.root().join("mb"));
-    let Some(_mounts) = mount_twice(env.root(), &share, &[ma.clone(), mb.clone()]) else {
+    let Some((share, ma, mb, _mounts)) = share_mounted_twice(&env) else {
         return;
     };
     // The two "hosts": the same config, each through its own mount.
@@ -204,10 +210,7 @@ fn a_second_daemon_on_another_mount_of_a_lockless_share_refuses() {
 fn a_daemon_restarted_on_another_mount_of_the_share_keeps_the_claims() {
     use std::os::unix::fs::MetadataExt;
     let env = Env::new("[gpu]\nmax_parallel = 1\n");
-    let share = env.root().join("share");
-    fs::create_dir_all(share.join("spool/pending")).unwrap();
-    let (ma, mb) = (env.root().join("ma"), env.root().join("mb"));
-    let Some(_mounts) = mount_twice(env.root(), &share, &[ma.clone(), mb.clone()]) else {
+    let Some((share, ma, mb, _mounts)) = share_mounted_twice(&env) else {
         return;
     };
     let (ca, cb) = (

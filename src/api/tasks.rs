@@ -410,6 +410,11 @@ impl ApiState {
     }
 }
 
+/// Work on the blocking pool that panicked.
+fn internal(e: tokio::task::JoinError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
 fn accepted_response(answer: Value) -> Response {
     let location = match answer["tasks"].as_array().map(Vec::as_slice) {
         Some([one]) => one["status_url"].as_str().map(str::to_string),
@@ -469,7 +474,7 @@ async fn get_task(
             ix.refresh().and_then(|()| ix.lookup(&id2))
         })
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(internal)?
         .map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -507,7 +512,7 @@ async fn get_status(
     let cfg = st.live.read().expect("api config").cfg.clone();
     let counts = tokio::task::spawn_blocking(move || crate::report::counts(&cfg))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(internal)?
         .map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
