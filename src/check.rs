@@ -46,6 +46,7 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
             }
         }
         EngineKind::Glmtts => problems.extend(check_glmtts(cfg)),
+        EngineKind::Http => problems.extend(check_http(cfg)),
     }
     if !cfg.api.listen.is_empty() {
         match crate::api::auth::Auth::load(&cfg.api) {
@@ -192,6 +193,62 @@ fn check_glmtts(cfg: &Config) -> Vec<String> {
             "engine.python",
             format!("{py} cannot run: {}", crate::util::io_msg(&e)),
         )),
+    }
+    problems
+}
+
+/// Each server answers, and accepts our token: a request the server must
+/// refuse or accept without synthesizing (Fish Speech's `POST /v1/health`,
+/// else a `GET` of the URL); connection errors and 401/403 are problems.
+fn check_http(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return vec!["cannot start a runtime to reach engine.urls".into()];
+    };
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client builds");
+    let token = cfg
+        .engine
+        .token_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .or_else(|| std::env::var("TTSPOOL_ENGINE_TOKEN").ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    for u in &cfg.engine.urls {
+        let Ok(url) = reqwest::Url::parse(u) else {
+            continue;
+        };
+        let probe = match cfg.engine.preset {
+            crate::config::HttpPreset::FishSpeech => {
+                let mut h = url.clone();
+                h.set_path("/v1/health");
+                client.post(h)
+            }
+            _ => client.get(url.clone()),
+        };
+        let probe = match &token {
+            Some(t) => probe.bearer_auth(t),
+            None => probe,
+        };
+        match rt.block_on(probe.send()) {
+            Ok(r) if matches!(r.status().as_u16(), 401 | 403) => problems.push(format!(
+                "{}: engine.urls: {u} refuses our token ({}); check engine.token_file / $TTSPOOL_ENGINE_TOKEN",
+                cfg.path.display(),
+                r.status()
+            )),
+            Ok(r) => println!("ok: engine server {u} answers ({})", r.status()),
+            Err(e) => problems.push(format!(
+                "{}: engine.urls: cannot reach {u}: {e}",
+                cfg.path.display()
+            )),
+        }
     }
     problems
 }

@@ -144,6 +144,30 @@ pub enum EngineKind {
     Command,
     /// zai-org/GLM-TTS `glmtts_inference.py`, several tasks per child.
     Glmtts,
+    /// A TTS server that is already running (SPEC §12).
+    Http,
+}
+
+/// What the `http` engine sends (SPEC §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HttpPreset {
+    /// Fish Speech's `POST /v1/tts`.
+    FishSpeech,
+    /// `POST /v1/audio/speech`.
+    Openai,
+    /// `engine.body` alone.
+    Custom,
+}
+
+/// What the `http` engine's server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpResponse {
+    /// A WAV file.
+    Wav,
+    /// Raw s16le mono samples at `engine.sample_rate`, wrapped as WAV.
+    Pcm,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,9 +198,10 @@ pub struct EngineConfig {
     /// glmtts: `--exp_name`; outputs go to `outputs/pretrain<exp_name>/`.
     #[serde(default = "default_exp_name")]
     pub exp_name: String,
-    /// glmtts: `--sample_rate`, 24000 or 32000.
-    #[serde(default = "default_sample_rate")]
-    pub sample_rate: u32,
+    /// glmtts: `--sample_rate`, 24000 or 32000 (default 24000); http with
+    /// `response = "pcm"`: the samples' rate (default 44100).
+    #[serde(default)]
+    pub sample_rate: Option<u32>,
     /// glmtts: pass `--use_phoneme`.
     #[serde(default)]
     pub use_phoneme: bool,
@@ -196,6 +221,49 @@ pub struct EngineConfig {
     /// Fixed variables set for every engine child.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// http: the servers; each is a group of `max_in_flight` slots.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// http: `fish-speech` | `openai` | `custom`.
+    #[serde(default = "default_preset")]
+    pub preset: HttpPreset,
+    /// http: requests at once per server.
+    #[serde(default = "default_engine_in_flight")]
+    pub max_in_flight: usize,
+    /// http: a JSON template (placeholders in its strings): the whole body
+    /// for `custom`, keys added to a preset's body otherwise.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    /// http: fixed headers.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// http: a bearer token (else `$TTSPOOL_ENGINE_TOKEN`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// http: `wav` | `pcm`.
+    #[serde(default = "default_http_response")]
+    pub response: HttpResponse,
+}
+
+impl EngineConfig {
+    /// glmtts: `--sample_rate`.
+    pub fn glmtts_sample_rate(&self) -> u32 {
+        self.sample_rate.unwrap_or(24000)
+    }
+    /// http: the rate of raw PCM answers.
+    pub fn pcm_sample_rate(&self) -> u32 {
+        self.sample_rate.unwrap_or(44100)
+    }
+}
+
+fn default_preset() -> HttpPreset {
+    HttpPreset::FishSpeech
+}
+fn default_engine_in_flight() -> usize {
+    1
+}
+fn default_http_response() -> HttpResponse {
+    HttpResponse::Wav
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -554,9 +622,6 @@ fn default_python() -> String {
 fn default_exp_name() -> String {
     "_ttspool".into()
 }
-fn default_sample_rate() -> u32 {
-    24000
-}
 fn default_batch_max() -> usize {
     16
 }
@@ -682,6 +747,32 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every string in `engine.body`, parsed as a template (an unknown
+    /// placeholder is an error naming the string).
+    pub fn body_templates(&self) -> Result<Vec<Template>, ConfigError> {
+        fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+            match v {
+                serde_json::Value::String(s) => out.push(s),
+                serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+                serde_json::Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        if let Some(b) = &self.engine.body {
+            strings(b, &mut all);
+        }
+        all.into_iter()
+            .map(|s| {
+                Template::parse(s).map_err(|e| ConfigError::Invalid {
+                    path: self.path.clone(),
+                    key: "engine.body",
+                    message: format!("{s:?}: {e}"),
+                })
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, message: &str| ConfigError::Invalid {
             path: self.path.clone(),
@@ -711,7 +802,7 @@ impl Config {
                         "is required with kind = \"glmtts\": the GLM-TTS checkout that holds glmtts_inference.py",
                     ));
                 }
-                if !matches!(self.engine.sample_rate, 24000 | 32000) {
+                if !matches!(self.engine.glmtts_sample_rate(), 24000 | 32000) {
                     return Err(bad("engine.sample_rate", "must be 24000 or 32000"));
                 }
                 if self.engine.batch_max == 0 {
@@ -724,6 +815,40 @@ impl Config {
                         "must be letters, digits, _ - . (it names a folder)",
                     ));
                 }
+            }
+            EngineKind::Http => {
+                if self.engine.urls.is_empty() {
+                    return Err(bad(
+                        "engine.urls",
+                        "is required with kind = \"http\": the server(s), e.g. [\"http://10.0.0.5:8080/v1/tts\"]",
+                    ));
+                }
+                for u in &self.engine.urls {
+                    if !(u.starts_with("http://") || u.starts_with("https://"))
+                        || reqwest::Url::parse(u).is_err()
+                    {
+                        return Err(bad(
+                            "engine.urls",
+                            &format!("{u:?} is not an http:// or https:// URL"),
+                        ));
+                    }
+                }
+                if self.engine.max_in_flight == 0 {
+                    return Err(bad("engine.max_in_flight", "must be at least 1"));
+                }
+                match (&self.engine.body, self.engine.preset) {
+                    (None, HttpPreset::Custom) => {
+                        return Err(bad(
+                            "engine.body",
+                            "is required with preset = \"custom\": the JSON to send, placeholders like {input_text} in its strings",
+                        ))
+                    }
+                    (Some(b), _) if !b.is_object() => {
+                        return Err(bad("engine.body", "must be a table (a JSON object)"))
+                    }
+                    _ => {}
+                }
+                self.body_templates()?;
             }
         }
         for (k, v) in &self.engine.env {

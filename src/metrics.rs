@@ -35,6 +35,8 @@ pub struct Metrics {
     hist: Mutex<Hist>,
     slots: Mutex<BTreeMap<String, SlotTime>>,
     busy_slots: Mutex<BTreeMap<usize, (String, Instant)>>,
+    /// Per slot index: paused by its breaker.
+    paused: Mutex<BTreeMap<usize, bool>>,
     pub in_flight: AtomicU64,
     pub pending_lines: AtomicU64,
     /// Seconds; u64::MAX: no pending line.
@@ -58,6 +60,7 @@ impl Default for Metrics {
             }),
             slots: Mutex::default(),
             busy_slots: Mutex::default(),
+            paused: Mutex::default(),
             in_flight: AtomicU64::new(0),
             pending_lines: AtomicU64::new(0),
             oldest_pending_secs: AtomicU64::new(u64::MAX),
@@ -81,6 +84,11 @@ impl Metrics {
         for s in slots {
             m.entry(device_label(&s.device)).or_default().slots += 1;
         }
+    }
+
+    /// A slot's breaker opened (or closed).
+    pub fn slot_paused(&self, index: usize, paused: bool) {
+        self.paused.lock().expect("metrics").insert(index, paused);
     }
 
     pub fn slot_started(&self, slot: &crate::vocab::Slot) {
@@ -169,6 +177,7 @@ impl Metrics {
         for k in [
             "invalid_task",
             "engine_failed",
+            "engine_rejected",
             "timeout",
             "invalid_output",
             "missing_output",
@@ -254,6 +263,15 @@ impl Metrics {
             "Share of time the device's slots were busy since start.",
         );
         o.push_str(&ratio);
+        head(
+            &mut o,
+            "ttspool_slot_paused",
+            "gauge",
+            "1 while a slot is paused by its breaker (its engine failed several times in a row).",
+        );
+        for (i, p) in self.paused.lock().expect("metrics").iter() {
+            let _ = writeln!(o, "ttspool_slot_paused{{slot=\"{i}\"}} {}", u8::from(*p));
+        }
         head(
             &mut o,
             "ttspool_task_run_seconds",

@@ -35,6 +35,8 @@ pub struct Work {
     pub cap: usize,
     /// When it entered the queue (a batch waits for more at most `batch_wait`).
     pub queued_at: Instant,
+    /// The slot it last failed on: another one is preferred for its retry.
+    pub avoid_slot: Option<usize>,
 }
 
 /// What the scheduler can start now.
@@ -49,6 +51,8 @@ pub enum Next {
 
 pub struct Scheduler {
     slots: Vec<(Slot, bool)>,
+    /// Slots the breaker paused (by index): given no work.
+    paused: HashSet<usize>,
     queue: VecDeque<Work>,
     writing: HashSet<PathBuf>,
     /// The file the last started task came from: the next one comes from
@@ -61,6 +65,7 @@ impl Scheduler {
     pub fn new(slots: Vec<Slot>) -> Scheduler {
         Scheduler {
             slots: slots.into_iter().map(|s| (s, false)).collect(),
+            paused: HashSet::new(),
             queue: VecDeque::new(),
             writing: HashSet::new(),
             last_file: String::new(),
@@ -69,6 +74,23 @@ impl Scheduler {
 
     pub fn slot_count(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Pauses (or resumes) a slot: a paused slot is given no work.
+    pub fn set_paused(&mut self, index: usize, paused: bool) {
+        if paused {
+            self.paused.insert(index);
+        } else {
+            self.paused.remove(&index);
+        }
+    }
+
+    /// Slots that are not paused.
+    pub fn usable(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(s, _)| !self.paused.contains(&s.index))
+            .count()
     }
 
     pub fn busy(&self) -> usize {
@@ -93,19 +115,32 @@ impl Scheduler {
     /// file than last time. With `hold`, a batch that is not full waits
     /// until its oldest task has been queued that long.
     pub fn next_batch(&mut self, max: usize, hold: Option<Duration>) -> Next {
-        let Some(free) = self.slots.iter().position(|(_, b)| !*b) else {
-            return Next::Nothing;
+        // A retried task waits for another slot than the one it failed on,
+        // while there is another.
+        let elsewhere = self.usable() > 1;
+        let runnable_on = |w: &Work, here: usize| {
+            let avoided = elsewhere && w.avoid_slot == Some(here);
+            !avoided && !self.writing.contains(&w.job.output)
         };
-        let runnable = |w: &Work| !self.writing.contains(&w.job.output);
-        let Some(first) = self
-            .queue
+        let Some((free, first)) = self
+            .slots
             .iter()
-            // The cheap test first: with one file, this scan finds nothing.
-            .position(|w| w.claim.file != self.last_file && runnable(w))
-            .or_else(|| self.queue.iter().position(runnable))
+            .enumerate()
+            .filter(|(_, (s, b))| !*b && !self.paused.contains(&s.index))
+            .find_map(|(i, (s, _))| {
+                let here = s.index;
+                self.queue
+                    .iter()
+                    // The cheap test first: with one file, this scan finds nothing.
+                    .position(|w| w.claim.file != self.last_file && runnable_on(w, here))
+                    .or_else(|| self.queue.iter().position(|w| runnable_on(w, here)))
+                    .map(|first| (i, first))
+            })
         else {
             return Next::Nothing;
         };
+        let here = self.slots[free].0.index;
+        let runnable = |w: &Work| runnable_on(w, here);
         let cap_of = |w: &Work| if w.cap == 0 { max } else { w.cap.min(max) };
         let mut limit = cap_of(&self.queue[first]).max(1);
         let mut picked = vec![first];
@@ -240,6 +275,7 @@ mod tests {
             attempts: 0,
             cap: 0,
             queued_at: Instant::now(),
+            avoid_slot: None,
         }
     }
 

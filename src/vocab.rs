@@ -63,6 +63,8 @@ pub struct Slot {
 pub enum ErrorKind {
     InvalidTask,
     EngineFailed,
+    /// A TTS server refused this task (a 4xx): not retried.
+    EngineRejected,
     Timeout,
     InvalidOutput,
     MissingOutput,
@@ -83,6 +85,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidTask => "invalid_task",
             ErrorKind::EngineFailed => "engine_failed",
+            ErrorKind::EngineRejected => "engine_rejected",
             ErrorKind::Timeout => "timeout",
             ErrorKind::InvalidOutput => "invalid_output",
             ErrorKind::MissingOutput => "missing_output",

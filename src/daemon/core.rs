@@ -41,6 +41,31 @@ use crate::webhook::Settings;
 /// The most lines one claim takes when claims bring no engine work.
 const MAX_BURST: usize = 1024;
 
+/// Retryable failures in a row on one slot that pause it (the breaker).
+const BREAK_AFTER: u32 = 3;
+/// The first pause; each failure after a pause doubles it, up to
+/// [`PAUSE_MAX`].
+const PAUSE_FIRST: Duration = Duration::from_secs(5);
+const PAUSE_MAX: Duration = Duration::from_secs(300);
+
+/// A slot's breaker: consecutive retryable failures, and its pause.
+#[derive(Debug, Clone)]
+struct Breaker {
+    fails: u32,
+    paused: bool,
+    next_pause: Duration,
+}
+
+impl Default for Breaker {
+    fn default() -> Breaker {
+        Breaker {
+            fails: 0,
+            paused: false,
+            next_pause: PAUSE_FIRST,
+        }
+    }
+}
+
 /// What happened.
 pub enum Event {
     Hint,
@@ -60,6 +85,8 @@ pub enum Event {
         started_at: String,
     },
     RetryDue(Box<Work>),
+    /// A slot's breaker pause is over: it may take a task again.
+    SlotResume(usize),
     /// Records written, each `Durable`, or `Fenced` (left out because
     /// another daemon took its lease over).
     Committed(Vec<(Record, PathBuf, u64, CommitOutcome)>),
@@ -257,6 +284,10 @@ pub struct Core {
     fenced: Fencing,
     /// Claims are paused: the spool's disk is full.
     disk_full: Option<DiskFull>,
+    /// Per slot index: its breaker.
+    breakers: HashMap<usize, Breaker>,
+    /// Every slot is paused: logged once per episode.
+    all_paused_logged: bool,
 }
 
 /// Claims paused for lack of space.
@@ -322,6 +353,8 @@ impl Core {
             stale_seen: 0,
             fenced: Fencing::Clear,
             disk_full: None,
+            breakers: HashMap::new(),
+            all_paused_logged: false,
             opts,
             cfg,
         }
@@ -434,6 +467,18 @@ impl Core {
                 for w in again.into_iter().rev() {
                     self.sched.push_front(w);
                 }
+            }
+            Event::SlotResume(index) => {
+                if let Some(b) = self.breakers.get_mut(&index) {
+                    b.paused = false;
+                    // Half open: one more failure pauses it again at once.
+                    b.fails = BREAK_AFTER - 1;
+                }
+                self.sched.set_paused(index, false);
+                self.metrics.slot_paused(index, false);
+                info!(slot = index, "slot's pause is over: trying it again");
+                self.all_paused_logged = false;
+                self.dirty = true;
             }
             Event::RetryDue(w) => {
                 self.retries -= 1;
@@ -647,6 +692,16 @@ impl Core {
                 self.wake_at(at);
                 return;
             }
+        }
+        if self.sched.usable() == 0 {
+            if !self.all_paused_logged {
+                self.all_paused_logged = true;
+                warn!(
+                    slots = self.sched.slot_count(),
+                    "every slot is paused by its breaker: claiming nothing new until one works again (other daemons on the spool take the work)"
+                );
+            }
+            return;
         }
         if self.dirty && !self.claiming && want > 0 && low {
             self.dirty = false;
@@ -865,6 +920,7 @@ impl Core {
             attempts: 0,
             cap: 0,
             queued_at: std::time::Instant::now(),
+            avoid_slot: None,
         };
         if self.world.output_exists(&work.job.output) {
             self.skip(work);
@@ -1000,6 +1056,7 @@ impl Core {
     ) -> Option<Work> {
         let id = work.job.task.id.clone();
         let trace = work.job.trace_id.clone();
+        let opened = self.breaker(slot, &outcome);
         match outcome {
             Outcome::Cancelled if self.stopping == 0 => {
                 // Stopped because its batch shared a lease that was lost:
@@ -1045,8 +1102,17 @@ impl Core {
                 kind,
                 message,
                 stderr_tail,
+                retry_after,
                 ..
             } => {
+                if kind.retryable() {
+                    work.avoid_slot = Some(slot.index);
+                    if opened {
+                        // The slot is broken, not the task: this attempt
+                        // is not the task's.
+                        work.attempts -= 1;
+                    }
+                }
                 if kind.retryable()
                     && work.attempts < self.cfg.retry.max_attempts
                     && self.stopping == 0
@@ -1056,7 +1122,8 @@ impl Core {
                         // line cannot sink its neighbours twice.
                         work.cap = 1;
                     }
-                    let wait = backoff(self.cfg.retry.backoff.0, work.attempts);
+                    let wait = backoff(self.cfg.retry.backoff.0, work.attempts)
+                        .max(retry_after.unwrap_or_default());
                     warn!(id = %id, trace_id = %trace, stage = "retrying", kind = kind.as_str(), attempt = work.attempts, wait = %humantime::format_duration(wait), "{message}");
                     self.retries += 1;
                     let at = self.world.now() + wait;
@@ -1087,6 +1154,49 @@ impl Core {
             }
         };
         None
+    }
+
+    /// The breaker: a slot whose engine fails (retryably) `BREAK_AFTER`
+    /// times in a row is paused, with growing waits, instead of failing the
+    /// backlog; while every slot is paused nothing new is claimed (other
+    /// hosts take the work). Returns true if this outcome opened (or found
+    /// open) the slot's breaker.
+    fn breaker(&mut self, slot: &Slot, outcome: &Outcome) -> bool {
+        let b = self.breakers.entry(slot.index).or_default();
+        match outcome {
+            Outcome::Completed { .. } => {
+                if b.fails >= BREAK_AFTER - 1 && b.next_pause > PAUSE_FIRST {
+                    info!(slot = slot.index, "slot works again");
+                }
+                *b = Breaker::default();
+                false
+            }
+            Outcome::Failed { kind, message, .. } if kind.retryable() => {
+                b.fails += 1;
+                if b.paused {
+                    return true;
+                }
+                if b.fails < BREAK_AFTER {
+                    return false;
+                }
+                b.paused = true;
+                let pause = b.next_pause;
+                b.next_pause = (b.next_pause * 2).min(PAUSE_MAX);
+                warn!(
+                    slot = slot.index,
+                    failures = b.fails,
+                    pause = %humantime::format_duration(pause),
+                    "the engine failed {} times in a row on this slot: pausing it instead of failing more tasks; last error: {message}",
+                    b.fails
+                );
+                self.sched.set_paused(slot.index, true);
+                self.metrics.slot_paused(slot.index, true);
+                let at = self.world.now() + pause;
+                self.fx.push(Effect::Timer(at, Event::SlotResume(slot.index)));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The one place a task is finished: its record goes to the committer.

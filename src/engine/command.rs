@@ -166,6 +166,7 @@ fn fail(kind: ErrorKind, message: String, stderr_tail: String, run_ms: u64) -> O
         message,
         stderr_tail,
         run_ms,
+        retry_after: None,
     }
 }
 

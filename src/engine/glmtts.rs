@@ -52,7 +52,7 @@ impl GlmttsEngine {
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_else(|| e.python.clone()),
             exp_name: e.exp_name.clone(),
-            sample_rate: e.sample_rate,
+            sample_rate: e.glmtts_sample_rate(),
             use_phoneme: e.use_phoneme,
             batch_max: e.batch_max,
             timeout: e.timeout.0,
@@ -101,6 +101,7 @@ impl GlmttsEngine {
                     message: message.clone(),
                     stderr_tail: String::new(),
                     run_ms: 0,
+                    retry_after: None,
                 })
                 .collect()
         };
@@ -199,6 +200,7 @@ impl GlmttsEngine {
                             },
                             stderr_tail: tail_for(i),
                             run_ms: per_task_ms,
+                            retry_after: None,
                         },
                         Taken::Incomplete => Outcome::Failed {
                             // A clean exit that left a broken WAV is the
@@ -211,12 +213,14 @@ impl GlmttsEngine {
                             },
                             stderr_tail: tail_for(i),
                             run_ms: per_task_ms,
+                            retry_after: None,
                         },
                         Taken::Error(m) => Outcome::Failed {
                             kind: ErrorKind::SpawnFailed,
                             message: m,
                             stderr_tail: tail_for(i),
                             run_ms: per_task_ms,
+                            retry_after: None,
                         },
                     });
                 }

@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod glmtts;
+pub mod http;
 pub mod sweep;
 
 use std::path::Path;
@@ -19,6 +20,17 @@ pub use crate::vocab::{Job, Slot};
 
 /// Builds the slots of a config: devices × slots_per_device, or max_parallel.
 pub fn slots(cfg: &Config) -> Vec<Slot> {
+    if cfg.engine.kind == EngineKind::Http {
+        // Each server is a group of max_in_flight slots (slot i talks to
+        // server i mod n).
+        let n = cfg.engine.urls.len().max(1) * cfg.engine.max_in_flight;
+        return (0..n)
+            .map(|index| Slot {
+                index,
+                device: None,
+            })
+            .collect();
+    }
     if cfg.gpu.devices.is_empty() {
         (0..cfg.gpu.max_parallel)
             .map(|index| Slot {
@@ -98,6 +110,9 @@ pub enum Outcome {
         message: String,
         stderr_tail: String,
         run_ms: u64,
+        /// The engine asked to wait at least this long before a retry (an
+        /// HTTP server's `Retry-After`).
+        retry_after: Option<std::time::Duration>,
     },
     /// The batch failed as a whole (crash, timeout or CUDA out of memory,
     /// with no audio at all): run the task again in a batch of at most
@@ -135,6 +150,7 @@ impl SlotRelease {
 pub enum Engine {
     Command(command::CommandEngine),
     Glmtts(glmtts::GlmttsEngine),
+    Http(http::HttpEngine),
 }
 
 impl Engine {
@@ -142,6 +158,7 @@ impl Engine {
         match cfg.engine.kind {
             EngineKind::Command => Engine::Command(command::CommandEngine::new(cfg)),
             EngineKind::Glmtts => Engine::Glmtts(glmtts::GlmttsEngine::new(cfg)),
+            EngineKind::Http => Engine::Http(http::HttpEngine::new(cfg)),
         }
     }
 
@@ -150,13 +167,14 @@ impl Engine {
         match self {
             Engine::Command(c) => c.name(),
             Engine::Glmtts(_) => "glmtts",
+            Engine::Http(h) => h.name(),
         }
     }
 
     /// Jobs per batch at most.
     pub fn batch_max(&self) -> usize {
         match self {
-            Engine::Command(_) => 1,
+            Engine::Command(_) | Engine::Http(_) => 1,
             Engine::Glmtts(g) => g.batch_max(),
         }
     }
@@ -181,6 +199,15 @@ impl Engine {
                 out
             }
             Engine::Glmtts(g) => g.run(jobs, slot, cancel, free).await,
+            Engine::Http(h) => {
+                let mut out = Vec::with_capacity(jobs.len());
+                let last = jobs.len().saturating_sub(1);
+                for (i, j) in jobs.iter().enumerate() {
+                    let free = (i == last).then_some(&mut *free);
+                    out.push(h.run(j, slot, cancel.clone(), free).await);
+                }
+                out
+            }
         }
     }
 }
