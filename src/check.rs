@@ -208,6 +208,7 @@ fn check_http(cfg: &Config) -> Vec<String> {
     else {
         return vec!["cannot start a runtime to reach engine.urls".into()];
     };
+    let _inside = rt.enter(); // the client's timers need the runtime
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(std::time::Duration::from_secs(10))

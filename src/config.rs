@@ -293,6 +293,14 @@ pub struct RetryConfig {
     /// Wait before the second run; doubles for each further one.
     #[serde(default = "default_backoff")]
     pub backoff: Dur,
+    /// The breaker: a slot whose engine fails for this many different
+    /// tasks in a row is paused instead of failing more (0: never).
+    #[serde(default = "default_break_after")]
+    pub break_after: u32,
+}
+
+fn default_break_after() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1014,6 +1022,9 @@ impl Config {
 
     /// How many children may run at once.
     pub fn slot_count(&self) -> usize {
+        if self.engine.kind == EngineKind::Http {
+            return self.engine.urls.len().max(1) * self.engine.max_in_flight;
+        }
         if self.gpu.devices.is_empty() {
             self.gpu.max_parallel
         } else {

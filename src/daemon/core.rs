@@ -41,8 +41,6 @@ use crate::webhook::Settings;
 /// The most lines one claim takes when claims bring no engine work.
 const MAX_BURST: usize = 1024;
 
-/// Retryable failures in a row on one slot that pause it (the breaker).
-const BREAK_AFTER: u32 = 3;
 /// The first pause; each failure after a pause doubles it, up to
 /// [`PAUSE_MAX`].
 const PAUSE_FIRST: Duration = Duration::from_secs(5);
@@ -53,7 +51,15 @@ const PAUSE_MAX: Duration = Duration::from_secs(300);
 struct Breaker {
     fails: u32,
     paused: bool,
+    /// Its pause is over and it has not worked since: the next failure,
+    /// whatever task it is, pauses it again.
+    half_open: bool,
     next_pause: Duration,
+    /// Tasks that failed on this slot in the current streak: a failure
+    /// counts only if it brings a task not seen failing yet, so one
+    /// poisoned line (or a batch split around it) does not pause a slot —
+    /// only failures of different tasks do.
+    seen: std::collections::HashSet<TraceId>,
 }
 
 impl Default for Breaker {
@@ -61,7 +67,9 @@ impl Default for Breaker {
         Breaker {
             fails: 0,
             paused: false,
+            half_open: false,
             next_pause: PAUSE_FIRST,
+            seen: Default::default(),
         }
     }
 }
@@ -454,6 +462,8 @@ impl Core {
                     .fetch_sub(works.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 self.dirty = true;
                 let n = works.len();
+                // The breaker counts a batch as one run of the engine.
+                let opened = self.breaker(&slot, &works, &outcomes);
                 let mut again = Vec::new();
                 for (work, outcome) in works.into_iter().zip(outcomes) {
                     if !self.leases.holds(&work.claim.lease) {
@@ -461,7 +471,14 @@ impl Core {
                         // daemon's, whatever happened here.
                         continue;
                     }
-                    again.extend(self.finished(&slot, n, work, outcome, started_at.clone()));
+                    again.extend(self.finished(
+                        &slot,
+                        n,
+                        work,
+                        outcome,
+                        started_at.clone(),
+                        opened,
+                    ));
                 }
                 // Split batches go first, in their order.
                 for w in again.into_iter().rev() {
@@ -471,8 +488,7 @@ impl Core {
             Event::SlotResume(index) => {
                 if let Some(b) = self.breakers.get_mut(&index) {
                     b.paused = false;
-                    // Half open: one more failure pauses it again at once.
-                    b.fails = BREAK_AFTER - 1;
+                    b.half_open = true;
                 }
                 self.sched.set_paused(index, false);
                 self.metrics.slot_paused(index, false);
@@ -1053,10 +1069,10 @@ impl Core {
         mut work: Work,
         outcome: Outcome,
         started_at: String,
+        opened: bool,
     ) -> Option<Work> {
         let id = work.job.task.id.clone();
         let trace = work.job.trace_id.clone();
-        let opened = self.breaker(slot, &outcome);
         match outcome {
             Outcome::Cancelled if self.stopping == 0 => {
                 // Stopped because its batch shared a lease that was lost:
@@ -1156,29 +1172,58 @@ impl Core {
         None
     }
 
-    /// The breaker: a slot whose engine fails (retryably) `BREAK_AFTER`
+    /// The breaker: a slot whose engine fails (retryably) `retry.break_after`
     /// times in a row is paused, with growing waits, instead of failing the
     /// backlog; while every slot is paused nothing new is claimed (other
     /// hosts take the work). Returns true if this outcome opened (or found
     /// open) the slot's breaker.
-    fn breaker(&mut self, slot: &Slot, outcome: &Outcome) -> bool {
+    fn breaker(&mut self, slot: &Slot, works: &[Work], outcomes: &[Outcome]) -> bool {
         let b = self.breakers.entry(slot.index).or_default();
-        match outcome {
-            Outcome::Completed { .. } => {
-                if b.fails >= BREAK_AFTER - 1 && b.next_pause > PAUSE_FIRST {
+        // Any audio proves the slot works; a batch whose every task failed
+        // retryably (or that failed as a whole) is one failure.
+        let worked = outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Completed { .. }));
+        // Missing output after a clean exit is the task's (a bad prompt
+        // clip, say): the engine ran. A crash, a timeout, a failure to
+        // start, a server's 5xx or refused token are the slot's.
+        let failure = outcomes.iter().find_map(|o| match o {
+            Outcome::Failed { kind, message, .. }
+                if kind.retryable() && *kind != ErrorKind::MissingOutput =>
+            {
+                Some(message.clone())
+            }
+            Outcome::Split { message, .. } => Some(message.clone()),
+            _ => None,
+        });
+        match (worked, failure) {
+            (true, _) => {
+                if b.next_pause > PAUSE_FIRST {
                     info!(slot = slot.index, "slot works again");
                 }
                 *b = Breaker::default();
                 false
             }
-            Outcome::Failed { kind, message, .. } if kind.retryable() => {
-                b.fails += 1;
-                if b.paused {
-                    return true;
+            (false, Some(message)) => {
+                let mut fresh = false;
+                for w in works {
+                    fresh |= b.seen.insert(w.job.trace_id.clone());
                 }
-                if b.fails < BREAK_AFTER {
+                if b.paused {
+                    return true; // ran while the pause began
+                }
+                if !fresh && !b.half_open {
+                    return false; // the same task(s) again: theirs, not the slot's
+                }
+                b.fails += 1;
+                let threshold = self.cfg.retry.break_after;
+                if threshold == 0 || (b.fails < threshold && !b.half_open) {
                     return false;
                 }
+                // A trial after a pause that failed pauses the slot again,
+                // and counts against the task (a line that always fails
+                // must end, not wait forever).
+                let charged = std::mem::take(&mut b.half_open);
                 b.paused = true;
                 let pause = b.next_pause;
                 b.next_pause = (b.next_pause * 2).min(PAUSE_MAX);
@@ -1192,8 +1237,9 @@ impl Core {
                 self.sched.set_paused(slot.index, true);
                 self.metrics.slot_paused(slot.index, true);
                 let at = self.world.now() + pause;
-                self.fx.push(Effect::Timer(at, Event::SlotResume(slot.index)));
-                true
+                self.fx
+                    .push(Effect::Timer(at, Event::SlotResume(slot.index)));
+                !charged
             }
             _ => false,
         }

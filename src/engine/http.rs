@@ -163,7 +163,11 @@ impl HttpEngine {
         if let Err(e) = crate::util::ensure_dir(dir) {
             return failed(
                 ErrorKind::SpawnFailed,
-                format!("cannot create output folder {}: {}", dir.display(), io_msg(&e)),
+                format!(
+                    "cannot create output folder {}: {}",
+                    dir.display(),
+                    io_msg(&e)
+                ),
                 started,
             );
         }
@@ -204,9 +208,10 @@ impl HttpEngine {
             },
             Ok(()) => {
                 let (t, o) = (tmp.clone(), job.output.clone());
-                let done = tokio::task::spawn_blocking(move || super::command::finish_output(&t, &o))
-                    .await
-                    .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())));
+                let done =
+                    tokio::task::spawn_blocking(move || super::command::finish_output(&t, &o))
+                        .await
+                        .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())));
                 match done {
                     Ok(()) => Outcome::Completed {
                         run_ms: started.elapsed().as_millis() as u64,
@@ -273,7 +278,8 @@ impl HttpEngine {
         let mut out = std::fs::File::create(tmp).map_err(io)?;
         let pcm = self.response == HttpResponse::Pcm;
         if pcm {
-            out.write_all(&wav_header(self.sample_rate, 0)).map_err(io)?;
+            out.write_all(&wav_header(self.sample_rate, 0))
+                .map_err(io)?;
         }
         let mut len: u64 = 0;
         loop {
@@ -299,7 +305,8 @@ impl HttpEngine {
             use std::io::{Seek, SeekFrom};
             let len = u32::try_from(len).unwrap_or(u32::MAX);
             out.seek(SeekFrom::Start(0)).map_err(io)?;
-            out.write_all(&wav_header(self.sample_rate, len)).map_err(io)?;
+            out.write_all(&wav_header(self.sample_rate, len))
+                .map_err(io)?;
         }
         Ok(())
     }
@@ -395,10 +402,15 @@ mod tests {
     #[test]
     fn error_answers_keep_the_servers_words() {
         assert_eq!(
-            server_message(r#"{"statusCode":400,"message":"text is required","error":"Bad Request"}"#),
+            server_message(
+                r#"{"statusCode":400,"message":"text is required","error":"Bad Request"}"#
+            ),
             "text is required"
         );
-        assert_eq!(server_message(r#"{"detail":[{"msg":"bad"}]}"#), r#"[{"msg":"bad"}]"#);
+        assert_eq!(
+            server_message(r#"{"detail":[{"msg":"bad"}]}"#),
+            r#"[{"msg":"bad"}]"#
+        );
         assert_eq!(server_message(""), "(empty body)");
         assert_eq!(server_message("oops"), "oops");
     }
