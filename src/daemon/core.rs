@@ -1715,4 +1715,75 @@ mod tests {
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].0.status(), "skipped");
     }
+
+    fn failed_run() -> Outcome {
+        Outcome::Failed {
+            kind: ErrorKind::EngineFailed,
+            message: "server answered 500".into(),
+            stderr_tail: String::new(),
+            run_ms: 1,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn a_slot_failing_for_different_tasks_is_paused_and_nothing_is_claimed() {
+        let mut r = rig();
+        let mut fx = step(&mut r.core, Event::Claimed(Ok(claim("L", "T", 5))));
+        // The same task failing again does not count; three different do.
+        let mut resumes = Vec::new();
+        for _ in 0..6 {
+            let Some(run) = started(&mut fx) else { break };
+            fx = finish(&mut r.core, run, failed_run());
+            resumes.extend(fx.iter().filter_map(|e| match e {
+                Effect::Timer(_, Event::SlotResume(i)) => Some(*i),
+                _ => None,
+            }));
+            if !resumes.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(resumes, [0], "the slot is paused once");
+        assert!(commits(&fx).is_empty(), "no task failed for good: {fx:?}");
+        let fx = step(&mut r.core, Event::Tick);
+        assert!(
+            !fx.iter()
+                .any(|e| matches!(e, Effect::Start(_) | Effect::Claim { .. })),
+            "every slot is paused: nothing starts, nothing is claimed: {fx:?}"
+        );
+        // The pause is over: a task is tried again.
+        let mut fx = step(&mut r.core, Event::SlotResume(0));
+        let trial = started(&mut fx).expect("a trial run");
+        // It works: the slot is trusted again, the others follow.
+        let fx = finish(&mut r.core, trial, Outcome::Completed { run_ms: 1 });
+        assert!(fx.iter().any(|e| matches!(e, Effect::Start(_))), "{fx:?}");
+    }
+
+    #[test]
+    fn one_line_that_always_fails_pauses_nothing() {
+        let mut r = rig();
+        let mut fx = step(&mut r.core, Event::Claimed(Ok(claim("L", "T", 1))));
+        for _ in 0..3 {
+            let run = started(&mut fx).expect("a run");
+            fx = finish(&mut r.core, run, failed_run());
+            assert!(
+                !fx.iter()
+                    .any(|e| matches!(e, Effect::Timer(_, Event::SlotResume(_)))),
+                "{fx:?}"
+            );
+            // Its retry comes back after the backoff.
+            if let Some(i) = fx
+                .iter()
+                .position(|e| matches!(e, Effect::Timer(_, Event::RetryDue(_))))
+            {
+                let Effect::Timer(_, ev) = fx.remove(i) else {
+                    unreachable!()
+                };
+                fx.extend(step(&mut r.core, ev));
+            }
+        }
+        let recs = commits(&fx);
+        assert_eq!(recs.len(), 1, "{fx:?}");
+        assert_eq!(recs[0].0.status(), "failed");
+    }
 }
