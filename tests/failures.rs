@@ -9,7 +9,12 @@ use common::*;
 
 #[test]
 fn misbehaving_engines_end_in_the_right_records() {
-    let mut env = Env::new("[gpu]\nmax_parallel = 4\n");
+    // Many different tasks fail here on purpose, which is what the
+    // breaker takes for a broken engine: it is off, so each failure kind
+    // shows its own attempts.
+    let mut env = Env::new(
+        "[gpu]\nmax_parallel = 4\n[retry]\nmax_attempts = 2\nbackoff = \"100ms\"\nbreak_after = 0\n",
+    );
     env.engine_extra = "timeout = \"1s\"\nkill_grace = \"300ms\"".into();
     env.write_config();
     let cases = [
