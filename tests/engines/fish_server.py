@@ -22,6 +22,7 @@ Misbehaviour, for the whole server (--mode) or per task (a word in `text`):
 
 --expect-ref FILE   400 unless every inline reference decodes to FILE's bytes
 --stats FILE        JSON {requests, max_in_flight} after every request
+--concurrency N     N syntheses at once instead of one (a benchmark's server)
 --openai            speak the OpenAI-style /v1/audio/speech contract instead
                     (Kokoro's: `stream` defaults to true and then raw PCM
                     chunks come back; unknown `model` -> 400)
@@ -38,12 +39,18 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 args = None
-model = threading.Lock()  # one synthesis at a time
+model = None  # one synthesis at a time (--concurrency for benchmarks)
 count_lock = threading.Lock()
 state = {"requests": 0, "in_flight": 0, "max_in_flight": 0}
 
 
+_wav = {}
+
+
 def wav(seconds=0.1, rate=44100):
+    """A sine tone (made once)."""
+    if (seconds, rate) in _wav:
+        return _wav[(seconds, rate)]
     n = int(seconds * rate)
     data = b"".join(
         struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate)))
@@ -51,7 +58,8 @@ def wav(seconds=0.1, rate=44100):
     )
     head = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
     head += struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
-    return head + b"data" + struct.pack("<I", len(data)) + data
+    _wav[(seconds, rate)] = head + b"data" + struct.pack("<I", len(data)) + data
+    return _wav[(seconds, rate)]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -172,7 +180,11 @@ def main():
     p.add_argument("--expect-ref", default="")
     p.add_argument("--stats", default="")
     p.add_argument("--openai", action="store_true")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="syntheses at once (1, like Fish Speech 1.5)")
     args = p.parse_args()
+    global model
+    model = threading.BoundedSemaphore(args.concurrency)
     srv = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     srv.daemon_threads = True
     print("listening", flush=True)
