@@ -32,6 +32,9 @@ pub struct Counts {
     pub webhooks: BTreeMap<String, u64>,
     /// Webhook messages not yet delivered (all daemons' outboxes).
     pub webhook_outbox: u64,
+    /// Slots each daemon's breaker holds paused (their engine kept
+    /// failing), by instance; daemons with none are left out.
+    pub paused_slots: BTreeMap<String, Vec<u64>>,
     /// (completed + skipped) / all records; null before the first record.
     pub success_rate: Option<f64>,
     /// Records finished per minute over the last 5 minutes and the last hour.
@@ -112,6 +115,26 @@ pub fn counts(cfg: &Config) -> anyhow::Result<Counts> {
         }
     }
     c.webhook_outbox = crate::webhook::outbox::depth(&spool);
+    if let Ok(rd) = std::fs::read_dir(spool.instances()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(inst) = name.strip_suffix(".slots") else {
+                continue;
+            };
+            let paused: Vec<u64> = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| {
+                    v["paused"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+                })
+                .unwrap_or_default();
+            if !paused.is_empty() {
+                c.paused_slots.insert(inst.to_string(), paused);
+            }
+        }
+    }
     for (_, st) in crate::engine::sweep::all_stats(&spool.root) {
         c.swept_files += st.total_files;
         c.swept_bytes += st.total_bytes;

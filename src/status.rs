@@ -95,6 +95,9 @@ fn status_once(cfg: &Config, json: bool, id: Option<&str>) -> anyhow::Result<u8>
             println!("  {k:<20} {n}");
         }
     }
+    for (inst, slots) in &c.paused_slots {
+        println!("paused     {inst}: slot(s) {slots:?} (their engine kept failing; see the log)");
+    }
     if c.swept_files > 0 {
         println!(
             "swept      {} leftover temp file(s) and engine scratch, {} bytes",

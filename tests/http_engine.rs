@@ -250,6 +250,9 @@ fn a_wrong_token_pauses_instead_of_failing() {
     wait_until(60, "the pause", || {
         fs::read_to_string(&log).is_ok_and(|l| l.contains("every slot is paused"))
     });
+    let st = env.run(&["status", "--json"], 30);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(v["paused_slots"]["a"], serde_json::json!([0]), "{v}");
     sigterm(&d);
     assert!(d.wait().unwrap().success());
     assert!(env.failed().is_empty(), "{:?}", env.failed());

@@ -151,6 +151,8 @@ pub enum Effect {
     Timer(Instant, Event),
     /// Tell systemd.
     Notify(Notify),
+    /// The slots the breaker holds paused now (for `status`).
+    SlotHealth(Vec<usize>),
 }
 
 /// What is done along with a takeover, every `spool.lease / 4`.
@@ -184,6 +186,7 @@ impl std::fmt::Debug for Effect {
             Effect::Reconfigured(_) => write!(f, "Reconfigured"),
             Effect::Timer(_, _) => write!(f, "Timer"),
             Effect::Notify(n) => write!(f, "Notify({n:?})"),
+            Effect::SlotHealth(p) => write!(f, "SlotHealth({p:?})"),
         }
     }
 }
@@ -492,6 +495,7 @@ impl Core {
                 }
                 self.sched.set_paused(index, false);
                 self.metrics.slot_paused(index, false);
+                self.fx.push(Effect::SlotHealth(self.paused_slots()));
                 info!(slot = index, "slot's pause is over: trying it again");
                 self.all_paused_logged = false;
                 self.dirty = true;
@@ -1236,6 +1240,8 @@ impl Core {
                 );
                 self.sched.set_paused(slot.index, true);
                 self.metrics.slot_paused(slot.index, true);
+                let paused = self.paused_slots();
+                self.fx.push(Effect::SlotHealth(paused));
                 let at = self.world.now() + pause;
                 self.fx
                     .push(Effect::Timer(at, Event::SlotResume(slot.index)));
@@ -1243,6 +1249,18 @@ impl Core {
             }
             _ => false,
         }
+    }
+
+    /// Slot indexes the breaker holds paused, in order.
+    fn paused_slots(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .breakers
+            .iter()
+            .filter(|(_, b)| b.paused)
+            .map(|(i, _)| *i)
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// The one place a task is finished: its record goes to the committer.

@@ -243,7 +243,10 @@ pub async fn run(
         metrics: metrics.clone(),
         cancels: HashMap::new(),
         api,
+        instance: cfg.spool.instance.clone(),
     };
+    // No slot is paused yet (a file a previous run left says otherwise).
+    shell.execute(self::core::Effect::SlotHealth(Vec::new()));
     let mut d = Core::new(cfg, opts, engine, metrics, held, world);
     let mut poll = tokio::time::interval(d.cfg().spool.poll_interval.0);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -62,6 +62,7 @@ pub struct Shell {
     pub cancels: HashMap<u64, watch::Sender<bool>>,
     /// The HTTP API, when `api.listen` is set.
     pub api: Option<Arc<ApiState>>,
+    pub instance: String,
 }
 
 impl Shell {
@@ -134,6 +135,21 @@ impl Shell {
                     tokio::time::sleep_until(at.into()).await;
                     let _ = tx.send(ev);
                 });
+            }
+            Effect::SlotHealth(paused) => {
+                // `.ttspool/instances/<instance>.slots`: what `status` shows.
+                let path = self
+                    .spool
+                    .instances()
+                    .join(format!("{}.slots", self.instance));
+                let body = serde_json::json!({ "paused": paused }).to_string();
+                if let Err(e) = crate::util::atomic_write(&path, body.as_bytes()) {
+                    warn!(
+                        "cannot write {}: {}",
+                        path.display(),
+                        crate::util::io_msg(&e)
+                    );
+                }
             }
             Effect::Reconfigured(cfg) => {
                 if let Some(api) = &self.api {
