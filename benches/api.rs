@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -25,13 +24,7 @@ const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 const N: usize = 10_000;
 const CONCURRENCY: usize = 16;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
 
 fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);

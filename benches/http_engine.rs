@@ -21,13 +21,7 @@ const N: usize = 2000;
 const DELAY: f64 = 0.02;
 const IN_FLIGHT: usize = 4;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
 
 fn fake_server(port: u16) -> Child {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/engines/fish_server.py");

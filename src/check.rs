@@ -214,14 +214,7 @@ fn check_http(cfg: &Config) -> Vec<String> {
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .expect("an HTTP client builds");
-    let token = cfg
-        .engine
-        .token_file
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .or_else(|| std::env::var("TTSPOOL_ENGINE_TOKEN").ok())
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty());
+    let token = crate::engine::http::token(cfg);
     for u in &cfg.engine.urls {
         let Ok(url) = reqwest::Url::parse(u) else {
             continue;

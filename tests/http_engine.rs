@@ -26,14 +26,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn server(dir: &Path, port: u16, args: &[&str]) -> Server {
     let stats = dir.join(format!("stats-{port}.json"));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/engines/fish_server.py");

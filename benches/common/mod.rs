@@ -87,3 +87,13 @@ pub fn selection(result_width: usize) -> impl Fn(&str) -> bool {
     );
     move |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
 }
+
+/// A loopback port free a moment ago.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::{has_wav_head, ChildEnv, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
-use crate::template::{Template, Var};
+use crate::template::Template;
 use crate::util::io_msg;
 use crate::vocab::ErrorKind;
 
@@ -82,21 +82,12 @@ impl CommandEngine {
         // claim, and a failed attempt removes its own temp file.
         let tmp = super::sweep::temp_path(&job.output, &self.instance, job.trace_id.as_str());
         let t = &job.task;
-        let (tmp_s, prompt_audio) = (
-            tmp.to_string_lossy(),
-            job.prompt_audio.as_deref().map(Path::to_string_lossy),
-        );
-        let value = |v: Var| -> &str {
-            match v {
-                Var::InputText => &t.input_text,
-                Var::Output => &tmp_s,
-                Var::OutputName => &t.output_name,
-                Var::Id => &t.id,
-                Var::PromptAudio => prompt_audio.as_deref().unwrap_or(""),
-                Var::PromptText => t.prompt_text.as_deref().unwrap_or(""),
-            }
-        };
-        let argv: Vec<String> = self.argv.iter().map(|a| a.render(value)).collect();
+        let vars = super::Placeholders::new(job, &tmp);
+        let argv: Vec<String> = self
+            .argv
+            .iter()
+            .map(|a| a.render(|v| vars.get(job, v)))
+            .collect();
         let env = self.env.for_task(
             &t.id,
             &tmp,

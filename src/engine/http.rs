@@ -52,13 +52,7 @@ pub struct HttpEngine {
 impl HttpEngine {
     pub fn new(cfg: &Config) -> HttpEngine {
         let e = &cfg.engine;
-        let token = e
-            .token_file
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .or_else(|| std::env::var("TTSPOOL_ENGINE_TOKEN").ok())
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty());
+        let token = token(cfg);
         HttpEngine {
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -105,18 +99,8 @@ impl HttpEngine {
     /// The request body for `job`.
     fn body_for(&self, job: &Job, tmp: &Path) -> Result<Value, String> {
         let t = &job.task;
-        let tmp_s = tmp.to_string_lossy();
-        let pa = job.prompt_audio.as_deref().map(Path::to_string_lossy);
-        let value = |v: Var| -> &str {
-            match v {
-                Var::InputText => &t.input_text,
-                Var::Output => &tmp_s,
-                Var::OutputName => &t.output_name,
-                Var::Id => &t.id,
-                Var::PromptAudio => pa.as_deref().unwrap_or(""),
-                Var::PromptText => t.prompt_text.as_deref().unwrap_or(""),
-            }
-        };
+        let vars = super::Placeholders::new(job, tmp);
+        let value = |v: Var| vars.get(job, v);
         let extra = match &self.body {
             Some(b) => render(b, &value),
             None => Value::Object(Map::new()),
@@ -310,6 +294,17 @@ impl HttpEngine {
         }
         Ok(())
     }
+}
+
+/// The bearer token: `engine.token_file`, else `$TTSPOOL_ENGINE_TOKEN`.
+pub fn token(cfg: &Config) -> Option<String> {
+    cfg.engine
+        .token_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .or_else(|| std::env::var("TTSPOOL_ENGINE_TOKEN").ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }
 
 /// Why a request did not give audio.

@@ -212,6 +212,40 @@ impl Engine {
     }
 }
 
+/// The strings a task's placeholders (SPEC §4) stand for, `{output}` being
+/// the temp path the engine writes.
+pub struct Placeholders {
+    output: String,
+    prompt_audio: String,
+}
+
+impl Placeholders {
+    pub fn new(job: &Job, output: &Path) -> Placeholders {
+        Placeholders {
+            output: output.to_string_lossy().into_owned(),
+            prompt_audio: job
+                .prompt_audio
+                .as_deref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The value of `v` for `job`.
+    pub fn get<'a>(&'a self, job: &'a Job, v: crate::template::Var) -> &'a str {
+        use crate::template::Var;
+        let t = &job.task;
+        match v {
+            Var::InputText => &t.input_text,
+            Var::Output => &self.output,
+            Var::OutputName => &t.output_name,
+            Var::Id => &t.id,
+            Var::PromptAudio => &self.prompt_audio,
+            Var::PromptText => t.prompt_text.as_deref().unwrap_or(""),
+        }
+    }
+}
+
 /// A WAV file starts with `RIFF....WAVE`; read from where `f` stands.
 pub fn has_wav_head(f: &mut impl std::io::Read) -> std::io::Result<bool> {
     let mut head = [0u8; 12];

@@ -43,6 +43,16 @@ pub fn is_wav(p: &Path) -> bool {
     fs::read(p).is_ok_and(|b| b.len() >= 12 && &b[0..4] == b"RIFF" && &b[8..12] == b"WAVE")
 }
 
+/// A loopback port free a moment ago.
+#[allow(dead_code)] // not every test binary listens
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `f` until it returns true or `secs` pass.
 pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
