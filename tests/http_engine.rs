@@ -245,6 +245,11 @@ fn a_wrong_token_pauses_instead_of_failing() {
     let st = env.run(&["status", "--json"], 30);
     let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(v["paused_slots"]["a"], serde_json::json!([0]), "{v}");
+    // When the pause is over the server is asked (POST /v1/health), not
+    // given a task: the refused token costs no task an attempt.
+    wait_until(30, "the probe", || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("probe failed"))
+    });
     sigterm(&d);
     assert!(d.wait().unwrap().success());
     assert!(env.failed().is_empty(), "{:?}", env.failed());

@@ -93,8 +93,11 @@ pub enum Event {
         started_at: String,
     },
     RetryDue(Box<Work>),
-    /// A slot's breaker pause is over: it may take a task again.
+    /// A slot's breaker pause is over: it may take a task again (after a
+    /// probe, where the engine has one).
     SlotResume(usize),
+    /// What the probe of a paused slot found.
+    Probed(usize, Result<(), String>),
     /// Records written, each `Durable`, or `Fenced` (left out because
     /// another daemon took its lease over).
     Committed(Vec<(Record, PathBuf, u64, CommitOutcome)>),
@@ -153,6 +156,9 @@ pub enum Effect {
     Notify(Notify),
     /// The slots the breaker holds paused now (for `status`).
     SlotHealth(Vec<usize>),
+    /// Ask the engine whether a paused slot works again, without a task
+    /// (answer: [`Event::Probed`]).
+    Probe(Slot, Arc<Engine>),
 }
 
 /// What is done along with a takeover, every `spool.lease / 4`.
@@ -187,6 +193,7 @@ impl std::fmt::Debug for Effect {
             Effect::Timer(_, _) => write!(f, "Timer"),
             Effect::Notify(n) => write!(f, "Notify({n:?})"),
             Effect::SlotHealth(p) => write!(f, "SlotHealth({p:?})"),
+            Effect::Probe(s, _) => write!(f, "Probe({})", s.index),
         }
     }
 }
@@ -488,7 +495,28 @@ impl Core {
                     self.sched.push_front(w);
                 }
             }
-            Event::SlotResume(index) => {
+            Event::SlotResume(index) if self.engine.can_probe() => {
+                // Ask first: a broken server (or a refused token) costs no
+                // task its attempt.
+                let slot = Slot {
+                    index,
+                    device: None,
+                };
+                self.fx.push(Effect::Probe(slot, self.engine.clone()));
+            }
+            Event::Probed(index, Err(why)) => {
+                let b = self.breakers.entry(index).or_default();
+                let pause = b.next_pause;
+                b.next_pause = (b.next_pause * 2).min(PAUSE_MAX);
+                warn!(
+                    slot = index,
+                    pause = %humantime::format_duration(pause),
+                    "the paused slot's probe failed: {why}; pausing again"
+                );
+                let at = self.world.now() + pause;
+                self.fx.push(Effect::Timer(at, Event::SlotResume(index)));
+            }
+            Event::Probed(index, Ok(())) | Event::SlotResume(index) => {
                 if let Some(b) = self.breakers.get_mut(&index) {
                     b.paused = false;
                     b.half_open = true;

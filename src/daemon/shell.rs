@@ -136,6 +136,13 @@ impl Shell {
                     let _ = tx.send(ev);
                 });
             }
+            Effect::Probe(slot, engine) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let res = engine.probe(&slot).await;
+                    let _ = tx.send(Event::Probed(slot.index, res));
+                });
+            }
             Effect::SlotHealth(paused) => {
                 // `.ttspool/instances/<instance>.slots`: what `status` shows.
                 let path = self

@@ -96,6 +96,37 @@ impl HttpEngine {
         &self.urls[slot.index % self.urls.len()]
     }
 
+    /// Asks the slot's server whether it works and takes our token, without
+    /// a synthesis: Fish Speech's `POST /v1/health`, else a `GET` of the URL
+    /// (any answer but 401/403, 5xx or none is taken as "up").
+    pub async fn probe(&self, slot: &Slot) -> Result<(), String> {
+        let url = self.url_of(slot).clone();
+        let req = match self.preset {
+            HttpPreset::FishSpeech => {
+                let mut h = url.clone();
+                h.set_path("/v1/health");
+                self.client.post(h)
+            }
+            _ => self.client.get(url.clone()),
+        };
+        let mut req = req.timeout(Duration::from_secs(10));
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) if matches!(r.status().as_u16(), 401 | 403) => Err(format!(
+                "{url} refuses our token ({}); check engine.token_file / $TTSPOOL_ENGINE_TOKEN",
+                r.status()
+            )),
+            Ok(r) if r.status().is_server_error() => Err(format!("{url} answered {}", r.status())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("{url}: {}", describe_reqwest(&e))),
+        }
+    }
+
     /// The request body for `job`.
     fn body_for(&self, job: &Job, tmp: &Path) -> Result<Value, String> {
         let t = &job.task;

@@ -171,6 +171,20 @@ impl Engine {
         }
     }
 
+    /// The engine can tell whether a slot works without running a task.
+    pub fn can_probe(&self) -> bool {
+        matches!(self, Engine::Http(_))
+    }
+
+    /// Whether the slot's engine works, without a task (see
+    /// [`Engine::can_probe`]).
+    pub async fn probe(&self, slot: &Slot) -> Result<(), String> {
+        match self {
+            Engine::Http(h) => h.probe(slot).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Jobs per batch at most.
     pub fn batch_max(&self) -> usize {
         match self {
