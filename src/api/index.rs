@@ -45,7 +45,8 @@ pub struct Index {
     follow: Follow,
     records: HashMap<String, (String, RecordAt)>,
     accepted_dir: PathBuf,
-    accepted_at: HashMap<PathBuf, u64>,
+    /// Per accepted list: (its inode, how far it was read).
+    accepted_at: HashMap<PathBuf, (u64, u64)>,
     accepted: HashMap<String, (String, u64)>,
 }
 
@@ -77,10 +78,17 @@ impl Index {
         };
         for e in rd.flatten() {
             let p = e.path();
-            let from = self.accepted_at.get(&p).copied().unwrap_or(0);
             let Ok(mut f) = std::fs::File::open(&p) else {
                 continue;
             };
+            // A list its daemon compacted is a new file: read it again.
+            let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
+            let from = self
+                .accepted_at
+                .get(&p)
+                .filter(|(i, _)| *i == ino)
+                .map(|(_, at)| *at)
+                .unwrap_or(0);
             f.seek(SeekFrom::Start(from))?;
             let mut r = BufReader::new(f);
             let mut at = from;
@@ -98,7 +106,7 @@ impl Index {
                     }
                 }
             }
-            self.accepted_at.insert(p, at);
+            self.accepted_at.insert(p, (ino, at));
         }
         Ok(())
     }
@@ -133,11 +141,37 @@ impl Index {
             buf.push('\n');
             self.accepted.insert(t.id.clone(), (t.file.clone(), t.line));
         }
-        std::fs::OpenOptions::new()
+        let path = self.accepted_dir.join(format!("{instance}.jsonl"));
+        let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.accepted_dir.join(format!("{instance}.jsonl")))?
-            .write_all(buf.as_bytes())
+            .open(&path)?;
+        f.write_all(buf.as_bytes())?;
+        if f.metadata()?.len() > COMPACT_AT {
+            drop(f);
+            self.compact(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites our accepted list without the tasks that have their record
+    /// (the index follows every log from the start, so it knows them).
+    /// Other daemons see the shorter file and read it again.
+    fn compact(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        self.refresh()?;
+        let text = std::fs::read_to_string(path)?;
+        let mut keep = String::new();
+        for line in text.lines() {
+            if let Ok(a) = serde_json::from_str::<Accepted>(line) {
+                if !self.records.contains_key(&a.id) {
+                    keep.push_str(line);
+                    keep.push('\n');
+                }
+            }
+        }
+        crate::util::atomic_write(path, keep.as_bytes())?;
+        self.accepted_at.remove(path);
+        Ok(())
     }
 
     /// A lease of `file` covers `line`.
@@ -157,6 +191,58 @@ impl Index {
     }
 }
 
+/// An accepted list this long is compacted.
+const COMPACT_AT: u64 = 4 << 20;
+
 fn accepted_dir(spool: &Spool) -> PathBuf {
     spool.state().join("api").join("accepted")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepted(id: &str, line: u64) -> Accepted {
+        Accepted {
+            id: id.into(),
+            file: "api-x.jsonl".into(),
+            line,
+        }
+    }
+
+    #[test]
+    fn a_compacted_list_keeps_the_unfinished_and_is_read_again_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        let mut ours = Index::new(&spool);
+        let mut theirs = Index::new(&spool);
+        ours.note(
+            "a",
+            &[accepted("t1", 1), accepted("t2", 2), accepted("t3", 3)],
+        )
+        .unwrap();
+        theirs.refresh().unwrap();
+        assert_eq!(theirs.lookup("t3").unwrap(), Found::Pending);
+        // t1 and t2 finish.
+        let rec = |id: &str, line: u64| {
+            format!(
+                "{{\"id\":\"{id}\",\"status\":\"completed\",\"source\":{{\"file\":\"api-x.jsonl\",\"line\":{line}}}}}\n"
+            )
+        };
+        std::fs::write(spool.done_log(), rec("t1", 1) + &rec("t2", 2)).unwrap();
+        let path = accepted_dir(&spool).join("a.jsonl");
+        ours.compact(&path).unwrap();
+        let left = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(left.lines().count(), 1, "{left}");
+        assert!(left.contains("t3"));
+        // Another daemon that had read the old list sees the new one.
+        ours.note("a", &[accepted("t4", 4)]).unwrap();
+        theirs.refresh().unwrap();
+        assert_eq!(theirs.lookup("t4").unwrap(), Found::Pending);
+        assert!(matches!(
+            theirs.lookup("t1").unwrap(),
+            Found::Finished { .. }
+        ));
+    }
 }
