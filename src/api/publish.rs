@@ -174,7 +174,6 @@ impl Keys {
                 crate::util::io_msg(&e)
             )
         };
-        std::fs::create_dir_all(&self.dir).map_err(io)?;
         let fresh = KeyDoc {
             body: body.to_string(),
             at: now_secs(),
@@ -182,7 +181,15 @@ impl Keys {
         };
         for _ in 0..200 {
             let bytes = serde_json::to_vec(&fresh).expect("serializes");
-            if create_exclusive(&path, &bytes).map_err(io)? {
+            let created = match create_exclusive(&path, &bytes) {
+                // The first key on this spool: make the folder once.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(&self.dir).map_err(io)?;
+                    create_exclusive(&path, &bytes)
+                }
+                other => other,
+            };
+            if created.map_err(io)? {
                 return Ok(KeyState::Fresh(path));
             }
             let doc: Option<KeyDoc> = std::fs::read(&path)

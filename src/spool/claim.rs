@@ -448,15 +448,16 @@ impl Claimer {
                     Cursor::default()
                 }
             };
+            let same_head = old.as_ref().is_some_and(|o| o.head_matches(&probe));
             let mut next = match &old {
-                Some(o) if o.head_matches(&probe) => o.seen_as(&probe, &self.mount),
+                Some(o) if same_head => o.seen_as(&probe, &self.mount),
                 _ => probe.ident(&self.mount),
             };
             next.consumed = None; // found in pending/: a move that did not happen
             let rewritten = match &old {
                 None => false,
-                Some(o) => {
-                    !o.head_matches(&probe)
+                Some(_) => {
+                    !same_head
                         || probe.size < cursor.offset
                         || match &cursor.tail {
                             Some(t) => {
