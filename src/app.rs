@@ -62,7 +62,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Requeue { all, kind, ids } => {
             crate::requeue::requeue(&cfg, all, kind.as_deref(), &ids)?
         }
-        Command::Check { files } => crate::check::check(&cfg, &files)?,
+        Command::Check { files, deep } => crate::check::check(&cfg, &files, deep)?,
         Command::Status { json, watch, id } => {
             crate::status::status(&cfg, json, watch, id.as_deref())?
         }

@@ -29,7 +29,7 @@ fn writable(dir: &Path) -> Result<(), String> {
     }
 }
 
-pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
+pub fn check(cfg: &Config, files: &[PathBuf], deep: bool) -> anyhow::Result<u8> {
     let mut problems = Vec::new();
     let at = |key: &str, msg: String| format!("{}: {key}: {msg}", cfg.path.display());
     match cfg.engine.kind {
@@ -47,6 +47,7 @@ pub fn check(cfg: &Config, files: &[PathBuf]) -> anyhow::Result<u8> {
         }
         EngineKind::Glmtts => problems.extend(check_glmtts(cfg)),
         EngineKind::Http => problems.extend(check_http(cfg)),
+        EngineKind::Worker => problems.extend(check_worker(cfg, deep)),
     }
     if !cfg.api.listen.is_empty() {
         match crate::api::auth::Auth::load(&cfg.api) {
@@ -242,6 +243,59 @@ fn check_http(cfg: &Config) -> Vec<String> {
                 "{}: engine.urls: cannot reach {u}: {e}",
                 cfg.path.display()
             )),
+        }
+    }
+    problems
+}
+
+/// A worker config: the program (and the script an interpreter runs) exist;
+/// with `--deep`, one worker starts and says it is ready.
+fn check_worker(cfg: &Config, deep: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let at = |msg: String| format!("{}: engine.argv: {msg}", cfg.path.display());
+    let cwd = crate::engine::worker::working_dir(cfg);
+    let prog = &cfg.engine.argv[0];
+    let found = if prog.contains('/') {
+        let p = cwd.join(prog);
+        crate::util::is_executable(&p).then_some(p)
+    } else {
+        find_in_path(prog, None)
+    };
+    match found {
+        Some(p) => println!("ok: worker program {}", p.display()),
+        None => problems.push(at(format!(
+            "{prog:?} not found or not executable (relative paths are from {})",
+            cwd.display()
+        ))),
+    }
+    // `python3 engines/x.py`: the script too.
+    let interpreter = Path::new(prog)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("python"));
+    if interpreter {
+        if let Some(script) = cfg.engine.argv[1..]
+            .iter()
+            .find(|a| a.ends_with(".py") && !a.starts_with('-'))
+        {
+            let p = cwd.join(script);
+            if p.is_file() {
+                println!("ok: worker script {}", p.display());
+            } else {
+                problems.push(at(format!("script {} does not exist", p.display())));
+            }
+        }
+    }
+    if deep && problems.is_empty() {
+        println!(
+            "starting one worker (engine.load_timeout {}) ...",
+            humantime::format_duration(cfg.engine.load_timeout.0)
+        );
+        match crate::engine::worker::try_start(cfg) {
+            Ok(took) => println!(
+                "ok: the worker loaded and said it was ready in {:.1} s",
+                took.as_secs_f64()
+            ),
+            Err(e) => problems.push(format!("{}: engine: {e}", cfg.path.display())),
         }
     }
     problems

@@ -57,6 +57,9 @@ pub enum Command {
     },
     /// Validate the config (and task files, if given).
     Check {
+        /// Also start the engine once: a worker must load and say it is ready.
+        #[arg(long)]
+        deep: bool,
         #[arg(value_name = "FILE")]
         files: Vec<PathBuf>,
     },

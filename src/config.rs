@@ -146,6 +146,8 @@ pub enum EngineKind {
     Glmtts,
     /// A TTS server that is already running (SPEC §12).
     Http,
+    /// One long-lived child per slot that loads the model once (SPEC §13).
+    Worker,
 }
 
 /// What the `http` engine sends (SPEC §12).
@@ -211,9 +213,16 @@ pub struct EngineConfig {
     /// glmtts: how long a batch may wait for more tasks before it starts.
     #[serde(default = "default_batch_wait")]
     pub batch_wait: Dur,
-    /// glmtts: model load allowance, added to `timeout` × tasks for a batch's deadline.
+    /// glmtts: model load allowance, added to `timeout` × tasks for a batch's
+    /// deadline; worker: until a started worker says it is ready.
     #[serde(default = "default_load_timeout")]
     pub load_timeout: Dur,
+    /// worker: tasks per worker, then it is replaced (leaks, fragmentation).
+    #[serde(default = "default_max_tasks")]
+    pub max_tasks: u64,
+    /// worker: stop a worker idle this long (frees GPU memory); 0: never.
+    #[serde(default = "default_idle_stop")]
+    pub idle_stop: Dur,
     /// Variables of the daemon's environment that engine children get
     /// (`NAME`, or a prefix ending in `*`); ttspool's own secrets never pass.
     #[serde(default = "default_env_pass")]
@@ -636,6 +645,12 @@ fn default_batch_max() -> usize {
 fn default_batch_wait() -> Dur {
     Dur(Duration::from_secs(2))
 }
+fn default_max_tasks() -> u64 {
+    1000
+}
+fn default_idle_stop() -> Dur {
+    Dur(Duration::ZERO)
+}
 fn default_load_timeout() -> Dur {
     Dur(Duration::from_secs(300))
 }
@@ -822,6 +837,27 @@ impl Config {
                         "engine.exp_name",
                         "must be letters, digits, _ - . (it names a folder)",
                     ));
+                }
+            }
+            EngineKind::Worker => {
+                if self.engine.argv.is_empty() || self.engine.argv == default_argv() {
+                    return Err(bad(
+                        "engine.argv",
+                        "is required with kind = \"worker\": the worker program, e.g. [\"python3\", \"engines/espeak_worker.py\"]",
+                    ));
+                }
+                let argv = self.argv_templates()?;
+                if let Some(i) = argv.iter().position(|t| t.has_vars()) {
+                    return Err(bad(
+                        "engine.argv",
+                        &format!(
+                            "element {i} ({:?}) has a placeholder; a worker gets its tasks on stdin, not in argv",
+                            self.engine.argv[i]
+                        ),
+                    ));
+                }
+                if self.engine.max_tasks == 0 {
+                    return Err(bad("engine.max_tasks", "must be at least 1"));
                 }
             }
             EngineKind::Http => {

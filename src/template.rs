@@ -134,6 +134,11 @@ impl Template {
         self.pieces.contains(&Piece::Var(var))
     }
 
+    /// True when the template holds any placeholder.
+    pub fn has_vars(&self) -> bool {
+        self.pieces.iter().any(|p| matches!(p, Piece::Var(_)))
+    }
+
     /// True when the rendered value can start with task text (so a value
     /// like `-f/etc/shadow` would be read as an option).
     pub fn starts_with_task_text(&self) -> bool {

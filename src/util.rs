@@ -257,17 +257,20 @@ pub fn cut(s: &str, max: usize) -> &str {
     &s[..i]
 }
 
+/// A file someone may execute.
+pub fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
 /// The program `prog` names: as given when it holds a `/`, else the first
 /// executable match in `path` (a `$PATH` value; the daemon's own when
 /// `None`, `/usr/local/bin:/usr/bin:/bin` when neither is set). The one
 /// place a program is looked up, for spawning and for `check` alike.
 pub fn find_in_path(prog: &str, path: Option<&std::ffi::OsStr>) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let is_exec = |p: &Path| {
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
+    let is_exec = |p: &Path| is_executable(p);
     if prog.contains('/') {
         let p = std::path::PathBuf::from(prog);
         return is_exec(&p).then_some(p);

@@ -150,6 +150,8 @@ pub enum Effect {
     Settings(Arc<Settings>),
     /// The config as it runs after a reload (for the HTTP API).
     Reconfigured(Box<Config>),
+    /// A new engine: get it ready (start its workers).
+    WarmUp(Arc<Engine>),
     /// Deliver `Event` at `Instant`.
     Timer(Instant, Event),
     /// Tell systemd.
@@ -190,6 +192,7 @@ impl std::fmt::Debug for Effect {
             Effect::Reload(p) => write!(f, "Reload({})", p.display()),
             Effect::Settings(_) => write!(f, "Settings"),
             Effect::Reconfigured(_) => write!(f, "Reconfigured"),
+            Effect::WarmUp(_) => write!(f, "WarmUp"),
             Effect::Timer(_, _) => write!(f, "Timer"),
             Effect::Notify(n) => write!(f, "Notify({n:?})"),
             Effect::SlotHealth(p) => write!(f, "SlotHealth({p:?})"),
@@ -380,6 +383,11 @@ impl Core {
 
     pub fn cfg(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The engine tasks start on now.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// Why the daemon must stop, once.
@@ -1041,7 +1049,11 @@ impl Core {
         if let Err(e) = (self.opts.set_level)(&new.log.level) {
             warn!("log.level {:?} not applied: {e}", new.log.level);
         }
-        self.engine = Arc::new(Engine::from_config(&new));
+        let engine = Engine::reload(&self.engine, &self.cfg, &new);
+        if !Arc::ptr_eq(&engine, &self.engine) {
+            self.engine = engine;
+            self.fx.push(Effect::WarmUp(self.engine.clone()));
+        }
         self.rules = TaskRules::from_config(&new);
         self.sched.set_slots(engine::slots(&new));
         self.metrics.set_slots(&engine::slots(&new));
@@ -1151,9 +1163,11 @@ impl Core {
                 message,
                 stderr_tail,
                 retry_after,
+                give_up,
                 ..
             } => {
-                if kind.retryable() {
+                let retryable = kind.retryable() && !give_up;
+                if retryable {
                     work.avoid_slot = Some(slot.index);
                     if opened {
                         // The slot is broken, not the task: this attempt
@@ -1161,10 +1175,7 @@ impl Core {
                         work.attempts -= 1;
                     }
                 }
-                if kind.retryable()
-                    && work.attempts < self.cfg.retry.max_attempts
-                    && self.stopping == 0
-                {
+                if retryable && work.attempts < self.cfg.retry.max_attempts && self.stopping == 0 {
                     if batch_len > 1 {
                         // Failed inside a batch: next time alone, so one bad
                         // line cannot sink its neighbours twice.
@@ -1179,10 +1190,7 @@ impl Core {
                         .push(Effect::Timer(at, Event::RetryDue(Box::new(work))));
                     return None;
                 }
-                if kind.retryable()
-                    && self.stopping > 0
-                    && work.attempts < self.cfg.retry.max_attempts
-                {
+                if retryable && self.stopping > 0 && work.attempts < self.cfg.retry.max_attempts {
                     info!(id = %id, trace_id = %trace, "failed during shutdown; handed back for a retry");
                     return None;
                 }
@@ -1220,11 +1228,12 @@ impl Core {
         // clip, say): the engine ran. A crash, a timeout, a failure to
         // start, a server's 5xx or refused token are the slot's.
         let failure = outcomes.iter().find_map(|o| match o {
-            Outcome::Failed { kind, message, .. }
-                if kind.retryable() && *kind != ErrorKind::MissingOutput =>
-            {
-                Some(message.clone())
-            }
+            Outcome::Failed {
+                kind,
+                message,
+                give_up: false,
+                ..
+            } if kind.retryable() && *kind != ErrorKind::MissingOutput => Some(message.clone()),
             Outcome::Split { message, .. } => Some(message.clone()),
             _ => None,
         });
@@ -1769,6 +1778,7 @@ mod tests {
             stderr_tail: String::new(),
             run_ms: 1,
             retry_after: None,
+            give_up: false,
         }
     }
 

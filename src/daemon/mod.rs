@@ -230,6 +230,8 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot start the heartbeat thread: {e}"))?;
     let held = claimer.held();
     let engine = Arc::new(Engine::from_config(&cfg));
+    // Workers load while the first claims are made.
+    engine.warm_up();
     let world = Box::new(RealWorld {
         heartbeat,
         spool_dir: cfg.spool.dir.clone(),
@@ -300,6 +302,8 @@ pub async fn run(
     }
     let unfinished = d.unfinished();
     shell.hand_back(d.take_leases());
+    // The staged shutdown's last stage: workers go after their last task.
+    d.engine().stop().await;
     drop(hints);
     info!(instance = %d.cfg().spool.instance, "ttspool stopped");
     if d.once() && !d.stopping() {

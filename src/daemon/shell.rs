@@ -158,6 +158,7 @@ impl Shell {
                     );
                 }
             }
+            Effect::WarmUp(engine) => engine.warm_up(),
             Effect::Reconfigured(cfg) => {
                 if let Some(api) = &self.api {
                     api.reload(&cfg);

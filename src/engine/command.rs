@@ -102,6 +102,7 @@ impl CommandEngine {
             timeout: self.timeout,
             kill_grace: self.kill_grace,
             tail_bytes: process::TAIL_BYTES,
+            pipes: false,
         };
         let res = process::run(&spec, cancel).await;
         if let Some(f) = free {
@@ -158,6 +159,7 @@ fn fail(kind: ErrorKind, message: String, stderr_tail: String, run_ms: u64) -> O
         stderr_tail,
         run_ms,
         retry_after: None,
+        give_up: false,
     }
 }
 

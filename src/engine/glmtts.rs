@@ -102,6 +102,7 @@ impl GlmttsEngine {
                     stderr_tail: String::new(),
                     run_ms: 0,
                     retry_after: None,
+                    give_up: false,
                 })
                 .collect()
         };
@@ -149,6 +150,7 @@ impl GlmttsEngine {
             timeout: self.load_timeout + self.timeout * n as u32,
             kill_grace: self.kill_grace,
             tail_bytes: BATCH_TAIL,
+            pipes: false,
         };
         let res = process::run(&spec, cancel).await;
         // A clean exit frees the GPU while the outputs are taken. A batch
@@ -201,6 +203,7 @@ impl GlmttsEngine {
                             stderr_tail: tail_for(i),
                             run_ms: per_task_ms,
                             retry_after: None,
+                            give_up: false,
                         },
                         Taken::Incomplete => Outcome::Failed {
                             // A clean exit that left a broken WAV is the
@@ -214,6 +217,7 @@ impl GlmttsEngine {
                             stderr_tail: tail_for(i),
                             run_ms: per_task_ms,
                             retry_after: None,
+                            give_up: false,
                         },
                         Taken::Error(m) => Outcome::Failed {
                             kind: ErrorKind::SpawnFailed,
@@ -221,6 +225,7 @@ impl GlmttsEngine {
                             stderr_tail: tail_for(i),
                             run_ms: per_task_ms,
                             retry_after: None,
+                            give_up: false,
                         },
                     });
                 }

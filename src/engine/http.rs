@@ -220,6 +220,7 @@ impl HttpEngine {
                 stderr_tail: String::new(),
                 run_ms: started.elapsed().as_millis() as u64,
                 retry_after: f.retry_after,
+                give_up: false,
             },
             Ok(()) => {
                 let (t, o) = (tmp.clone(), job.output.clone());
@@ -352,6 +353,7 @@ fn failed(kind: ErrorKind, message: String, started: Instant) -> Outcome {
         stderr_tail: String::new(),
         run_ms: started.elapsed().as_millis() as u64,
         retry_after: None,
+        give_up: false,
     }
 }
 

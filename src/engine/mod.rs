@@ -7,6 +7,7 @@ pub mod command;
 pub mod glmtts;
 pub mod http;
 pub mod sweep;
+pub mod worker;
 
 use std::path::Path;
 
@@ -113,6 +114,10 @@ pub enum Outcome {
         /// The engine asked to wait at least this long before a retry (an
         /// HTTP server's `Retry-After`).
         retry_after: Option<std::time::Duration>,
+        /// Not to be run again whatever the kind says: the task itself is
+        /// at fault (a worker said `retryable: false`, or the task took
+        /// down two workers).
+        give_up: bool,
     },
     /// The batch failed as a whole (crash, timeout or CUDA out of memory,
     /// with no audio at all): run the task again in a batch of at most
@@ -151,6 +156,7 @@ pub enum Engine {
     Command(command::CommandEngine),
     Glmtts(glmtts::GlmttsEngine),
     Http(http::HttpEngine),
+    Worker(worker::WorkerEngine),
 }
 
 impl Engine {
@@ -159,6 +165,44 @@ impl Engine {
             EngineKind::Command => Engine::Command(command::CommandEngine::new(cfg)),
             EngineKind::Glmtts => Engine::Glmtts(glmtts::GlmttsEngine::new(cfg)),
             EngineKind::Http => Engine::Http(http::HttpEngine::new(cfg)),
+            EngineKind::Worker => Engine::Worker(worker::WorkerEngine::new(cfg)),
+        }
+    }
+
+    /// The engine for a reloaded config: `old` itself when the new config
+    /// would give the same engine and it keeps state worth keeping (loaded
+    /// workers), else a new one — and then `old`'s workers are retired.
+    pub fn reload(
+        old: &std::sync::Arc<Engine>,
+        old_cfg: &Config,
+        new: &Config,
+    ) -> std::sync::Arc<Engine> {
+        let same = format!("{:?}{:?}", old_cfg.engine, old_cfg.gpu)
+            == format!("{:?}{:?}", new.engine, new.gpu)
+            && old_cfg.spool.instance == new.spool.instance;
+        match &**old {
+            Engine::Worker(_) if same => old.clone(),
+            Engine::Worker(w) => {
+                w.retire();
+                std::sync::Arc::new(Engine::from_config(new))
+            }
+            _ => std::sync::Arc::new(Engine::from_config(new)),
+        }
+    }
+
+    /// Gets the engine ready before the first task: a worker engine starts
+    /// its workers, so the first task finds a loaded model.
+    pub fn warm_up(&self) {
+        if let Engine::Worker(w) = self {
+            w.warm_up();
+        }
+    }
+
+    /// Stops what the engine keeps running between tasks (the staged
+    /// shutdown, after the last task).
+    pub async fn stop(&self) {
+        if let Engine::Worker(w) = self {
+            w.stop().await;
         }
     }
 
@@ -168,12 +212,13 @@ impl Engine {
             Engine::Command(c) => c.name(),
             Engine::Glmtts(_) => "glmtts",
             Engine::Http(h) => h.name(),
+            Engine::Worker(w) => w.name(),
         }
     }
 
     /// The engine can tell whether a slot works without running a task.
     pub fn can_probe(&self) -> bool {
-        matches!(self, Engine::Http(_))
+        matches!(self, Engine::Http(_) | Engine::Worker(_))
     }
 
     /// Whether the slot's engine works, without a task (see
@@ -181,6 +226,7 @@ impl Engine {
     pub async fn probe(&self, slot: &Slot) -> Result<(), String> {
         match self {
             Engine::Http(h) => h.probe(slot).await,
+            Engine::Worker(w) => w.probe(slot).await,
             _ => Ok(()),
         }
     }
@@ -188,7 +234,7 @@ impl Engine {
     /// Jobs per batch at most.
     pub fn batch_max(&self) -> usize {
         match self {
-            Engine::Command(_) | Engine::Http(_) => 1,
+            Engine::Command(_) | Engine::Http(_) | Engine::Worker(_) => 1,
             Engine::Glmtts(g) => g.batch_max(),
         }
     }
@@ -213,6 +259,15 @@ impl Engine {
                 out
             }
             Engine::Glmtts(g) => g.run(jobs, slot, cancel, free).await,
+            Engine::Worker(w) => {
+                let mut out = Vec::with_capacity(jobs.len());
+                let last = jobs.len().saturating_sub(1);
+                for (i, j) in jobs.iter().enumerate() {
+                    let free = (i == last).then_some(&mut *free);
+                    out.push(w.run(j, slot, cancel.clone(), free).await);
+                }
+                out
+            }
             Engine::Http(h) => {
                 let mut out = Vec::with_capacity(jobs.len());
                 let last = jobs.len().saturating_sub(1);

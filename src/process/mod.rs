@@ -26,6 +26,8 @@ use crate::util::Tail;
 
 mod spawn;
 
+pub use spawn::{spawn, Child};
+
 /// Bytes of stderr kept for a failed record.
 pub const TAIL_BYTES: usize = 4096;
 
@@ -170,6 +172,9 @@ pub struct ChildSpec {
     pub kill_grace: Duration,
     /// Bytes of stderr to keep (the end of it).
     pub tail_bytes: usize,
+    /// stdin and fd 3 are pipes to us (a worker's protocol, SPEC §13), not
+    /// /dev/null and nothing.
+    pub pipes: bool,
 }
 
 #[derive(Debug)]
@@ -188,7 +193,7 @@ pub struct ChildResult {
     pub elapsed: Duration,
 }
 
-fn signal_group(pgid: i32, sig: i32) {
+pub fn signal_group(pgid: i32, sig: i32) {
     if pgid > 0 {
         // SAFETY: kill(2) with a negative pid signals a process group; no memory is touched.
         unsafe {

@@ -92,6 +92,8 @@ struct Started {
     pid: libc::pid_t,
     pidfd: Option<OwnedFd>,
     stderr: OwnedFd,
+    /// With [`ChildSpec::pipes`]: our ends of its stdin and its fd 3.
+    pipes: Option<(OwnedFd, OwnedFd)>,
 }
 
 type Job = (ChildSpec, tokio::sync::oneshot::Sender<io::Result<Started>>);
@@ -157,6 +159,7 @@ pub struct Child {
     pid: libc::pid_t,
     pidfd: Option<AsyncFd<OwnedFd>>,
     stderr: Option<OwnedFd>,
+    pipes: Option<(OwnedFd, OwnedFd)>,
     reaped: Option<ExitStatus>,
 }
 
@@ -169,13 +172,19 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     null_fd: libc::c_int,
     err_fd: libc::c_int,
+    /// With pipes: the read end for its stdin and the write end for its fd
+    /// 3; else -1.
+    in_fd: libc::c_int,
+    proto_fd: libc::c_int,
     parent: libc::pid_t,
     /// The errno of the step that failed, written by the child before `_exit`.
     error: AtomicI32,
 }
 
 /// Starts `spec.argv` with stdin and stdout on /dev/null and stderr on a
-/// pipe (see [`Child::take_stderr`]), on the spawner thread.
+/// pipe (see [`Child::take_stderr`]), on the spawner thread. With
+/// [`ChildSpec::pipes`] its stdin and its fd 3 are pipes to us instead (see
+/// [`Child::take_pipes`]).
 pub async fn spawn(spec: &ChildSpec) -> io::Result<Child> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     spawner()
@@ -202,6 +211,7 @@ pub async fn spawn(spec: &ChildSpec) -> io::Result<Child> {
         pid: started.pid,
         pidfd,
         stderr: Some(started.stderr),
+        pipes: started.pipes,
         reaped: None,
     })
 }
@@ -225,15 +235,19 @@ fn start(spec: &ChildSpec, stack: &Stack) -> io::Result<Started> {
     let argv_ptrs = nul_terminated(&argv);
 
     let null = dev_null()?;
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds, owned at once.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (err_r, err_w) = pipe()?;
     // The child moves /dev/null onto 0 and 1 before the pipe onto 2, so the
-    // pipe must not sit on 0 or 1 (a daemon started with stdio closed).
+    // pipe must not sit on 0 to 3 (a daemon started with stdio closed).
     let err_w = above_stdio(err_w)?;
+    // Worker pipes: all four ends close on exec, so no other child ever
+    // holds them (a worker must see EOF on its stdin when we close ours).
+    let pipes = if spec.pipes {
+        let (in_r, in_w) = pipe()?;
+        let (proto_r, proto_w) = pipe()?;
+        Some((above_stdio(in_r)?, in_w, proto_r, above_stdio(proto_w)?))
+    } else {
+        None
+    };
 
     let args = ChildArgs {
         path: path.as_ptr(),
@@ -242,12 +256,18 @@ fn start(spec: &ChildSpec, stack: &Stack) -> io::Result<Started> {
         cwd: cwd.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
         null_fd: null.as_raw_fd(),
         err_fd: err_w.as_raw_fd(),
+        in_fd: pipes.as_ref().map_or(-1, |p| p.0.as_raw_fd()),
+        proto_fd: pipes.as_ref().map_or(-1, |p| p.3.as_raw_fd()),
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
         error: AtomicI32::new(0),
     };
     let (pid, pidfd) = clone_child(&args, stack.top)?;
     drop(err_w); // the child holds its own copy now
+    let pipes = pipes.map(|(in_r, in_w, proto_r, proto_w)| {
+        drop((in_r, proto_w));
+        (in_w, proto_r)
+    });
     let failed = args.error.load(Ordering::Acquire);
     if failed != 0 {
         // The child has already _exit'ed; reap it before reporting.
@@ -262,16 +282,28 @@ fn start(spec: &ChildSpec, stack: &Stack) -> io::Result<Started> {
         pid,
         pidfd,
         stderr: err_r,
+        pipes,
     })
 }
 
-/// `fd`, moved to a number above 2 if it is one of the standard streams.
+/// A pipe whose ends close on exec: (read, write).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds, owned at once.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `fd`, moved to a number above 3 if it is one of the numbers the child's
+/// streams take (0–2, and 3 for a worker's answers).
 fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
-    if fd.as_raw_fd() > 2 {
+    if fd.as_raw_fd() > 3 {
         return Ok(fd);
     }
     // SAFETY: F_DUPFD_CLOEXEC returns a new fd, owned at once.
-    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 4) };
     if new < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -426,7 +458,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if sys(libc::SYS_getppid, 0, 0, 0) != a.parent as libc::c_long {
             libc::syscall(libc::SYS_exit_group, 1);
         }
-        for (from, to) in [(a.null_fd, 0), (a.null_fd, 1), (a.err_fd, 2)] {
+        let stdin = if a.in_fd >= 0 { a.in_fd } else { a.null_fd };
+        for (from, to) in [(stdin, 0), (a.null_fd, 1), (a.err_fd, 2), (a.proto_fd, 3)] {
+            if from < 0 {
+                continue;
+            }
             let r = if from == to {
                 // keep it across exec
                 sys(libc::SYS_fcntl, to as usize, libc::F_SETFD as usize, 0)
@@ -473,6 +509,12 @@ impl Child {
     /// The read end of the child's stderr.
     pub fn take_stderr(&mut self) -> Option<OwnedFd> {
         self.stderr.take()
+    }
+
+    /// With [`ChildSpec::pipes`]: (the write end of its stdin, the read end
+    /// of its fd 3).
+    pub fn take_pipes(&mut self) -> Option<(OwnedFd, OwnedFd)> {
+        self.pipes.take()
     }
 
     /// Waits until the child has exited, without reaping it: its pid (and
@@ -660,6 +702,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             kill_grace: Duration::from_secs(1),
             tail_bytes: 4096,
+            pipes: false,
         }
     }
 
