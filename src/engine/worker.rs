@@ -232,11 +232,7 @@ impl WorkerEngine {
         }));
         // A slot without an actor: started lazily (a test driving the
         // engine without the daemon), or stopping (then handed back).
-        let req = match self.send(slot, req) {
-            Ok(()) => None,
-            Err(req) => Some(req),
-        };
-        if let Some(req) = req {
+        if let Some(req) = self.send(slot, req).err() {
             if *self.stop.borrow() {
                 return Outcome::Cancelled;
             }
