@@ -11,8 +11,33 @@ use common::*;
 #[test]
 fn the_default_config_synthesizes_the_samples_with_espeak_ng() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = fs::read_to_string(repo.join("ttspool.toml")).unwrap();
+    synthesizes_the_samples(&config, "command:espeak-ng");
+}
+
+/// The same with the resident worker engine and engines/espeak_worker.py.
+#[test]
+fn the_espeak_worker_synthesizes_the_samples() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = fs::read_to_string(repo.join("ttspool.toml")).unwrap();
+    let worker = format!(
+        "kind = \"worker\"\nargv = [\"python3\", \"{}\"]\n",
+        repo.join("engines/espeak_worker.py").display()
+    );
+    let config = config
+        .replace("kind = \"command\"\n", &worker)
+        .lines()
+        .filter(|l| !l.starts_with("argv = [\"espeak-ng\""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(config.contains("kind = \"worker\""));
+    synthesizes_the_samples(&config, "worker:espeak_worker.py");
+}
+
+fn synthesizes_the_samples(config: &str, engine: &str) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    fs::copy(repo.join("ttspool.toml"), dir.path().join("ttspool.toml")).unwrap();
+    fs::write(dir.path().join("ttspool.toml"), config).unwrap();
     fs::create_dir_all(dir.path().join("voices")).unwrap();
     fs::copy(
         repo.join("voices/support_female.wav"),
@@ -56,7 +81,7 @@ fn the_default_config_synthesizes_the_samples_with_espeak_ng() {
     assert_eq!(done.len(), expected, "{done:#?}");
     for r in &done {
         assert_eq!(r["status"], "completed");
-        assert_eq!(r["engine"], "command:espeak-ng");
+        assert_eq!(r["engine"], engine);
         let out = Path::new(r["output"].as_str().unwrap());
         assert!(out.starts_with(dir.path().join("spool/outputs")));
         assert!(is_wav(out));

@@ -215,7 +215,7 @@ class _Token2Wav:
 
 def load_models(use_phoneme=False, sample_rate=24000):
     # Upstream opens ckpt/ and frontend/ relative to the working directory.
-    if os.path.abspath(os.getcwd()) != CURRENT_DIR:
+    if os.path.realpath(os.getcwd()) != os.path.realpath(CURRENT_DIR):
         raise FileNotFoundError("ckpt/speech_tokenizer: not found (the working directory must be the GLM-TTS checkout)")
     if sample_rate not in (24000, 32000):
         raise ValueError(f"Unsupported sampling_rate: {sample_rate}")
