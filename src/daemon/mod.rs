@@ -130,6 +130,10 @@ pub async fn run(
             "killed processes left behind by a previous run of this instance"
         );
     }
+    // Workers start loading now (no orphan of ours is left to race them),
+    // while the rest starts up and the first claims are made.
+    let engine = Arc::new(Engine::from_config(&cfg));
+    engine.warm_up();
     std::fs::create_dir_all(&cfg.output.dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot create output.dir {}: {}",
@@ -229,9 +233,6 @@ pub async fn run(
         .start_heartbeat(beat_interval(lease), lease - fence_margin(lease))
         .map_err(|e| anyhow::anyhow!("cannot start the heartbeat thread: {e}"))?;
     let held = claimer.held();
-    let engine = Arc::new(Engine::from_config(&cfg));
-    // Workers load while the first claims are made.
-    engine.warm_up();
     let world = Box::new(RealWorld {
         heartbeat,
         spool_dir: cfg.spool.dir.clone(),
