@@ -27,7 +27,9 @@
 //!   [`process`]: children in their own process group, started on a
 //!   spawner thread, an allow-listed environment, timeouts, kills.
 //! - [`engine`]: what runs the TTS: the `command` engine, the GLM-TTS batch
-//!   engine, and the sweep of what killed runs leave ([`engine::sweep`]).
+//!   engine, the `http` engine, the resident `worker` engine
+//!   ([`engine::worker`]), and the sweep of what killed runs leave
+//!   ([`engine::sweep`]).
 //! - [`webhook`]: signed webhooks: the outbox written with the records,
 //!   delivery with retries, name lookups on their own threads, the SSRF guard.
 //! - [`report`]: the spool's figures (`status --json`, `GET /v1/status`).

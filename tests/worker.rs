@@ -349,3 +349,43 @@ fn a_worker_config_with_placeholders_or_without_argv_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_reload_keeps_loaded_workers_unless_the_engine_changed() {
+    let mut env = worker_env("", "[gpu]\nmax_parallel = 1\n");
+    let mut d = env.spawn("a");
+    wait_until(30, "a worker loaded", || worker_pids(&env).len() == 1);
+    let first = worker_pids(&env)[0];
+    let log = env.root().join("daemon-a.log");
+    let reloads = || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("config reloaded")
+            .count()
+    };
+    let hup = |d: &std::process::Child| {
+        assert!(std::process::Command::new("kill")
+            .args(["-HUP", &d.id().to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    // Same engine: the loaded worker stays and takes the next task.
+    hup(&d);
+    wait_until(10, "the reload", || reloads() == 1);
+    env.drop_file("a.jsonl", &glm_line("a", "你好"));
+    wait_until(30, "the record", || env.done().len() == 1);
+    assert_eq!(worker_pids(&env), vec![first]);
+    // Another engine setting: a new worker, and the old one goes.
+    env.engine_extra.push_str("max_tasks = 50\n");
+    env.instance_config("a");
+    hup(&d);
+    wait_until(10, "the second reload", || reloads() == 2);
+    wait_until(30, "a new worker", || worker_pids(&env).len() == 2);
+    wait_until(10, "the old worker gone", || !alive(first));
+    env.drop_file("b.jsonl", &glm_line("b", "你好"));
+    wait_until(30, "the record", || env.done().len() == 2);
+    assert_eq!(worker_pids(&env).len(), 2);
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+}
