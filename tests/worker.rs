@@ -22,8 +22,13 @@ fn repo() -> &'static Path {
 fn worker_env(engine: &str, tables: &str) -> Env {
     let mut env = Env::new(tables);
     let (root, _) = glmtts_checkout(&env);
+    let load = if engine.contains("load_timeout") {
+        ""
+    } else {
+        "load_timeout = \"20s\"\n"
+    };
     env.engine_extra = format!(
-        "kind = \"worker\"\nargv = [\"python3\", \"{}\", \"--root\", \"{}\"]\nload_timeout = \"20s\"\n{engine}",
+        "kind = \"worker\"\nargv = [\"python3\", \"{}\", \"--root\", \"{}\"]\n{load}{engine}",
         repo().join("engines/glmtts_worker.py").display(),
         root.display()
     );
@@ -109,6 +114,8 @@ fn two_hundred_tasks_over_two_gpus_load_each_worker_once() {
     assert_eq!(gpus, ["0", "1"]);
     let items = events(&env, "item");
     assert_eq!(items.len(), 200, "each task synthesized once");
+    // One voice: its features were extracted once per worker.
+    assert_eq!(events(&env, "extract").len(), 2);
     // Both GPUs worked.
     let on0 = done.values().filter(|r| r["gpu"] == "0").count();
     assert!(on0 > 20 && on0 < 180, "{on0} of 200 on GPU 0");
@@ -388,4 +395,29 @@ fn a_reload_keeps_loaded_workers_unless_the_engine_changed() {
     assert_eq!(worker_pids(&env).len(), 2);
     sigterm(&d);
     assert!(d.wait().unwrap().success());
+}
+
+#[test]
+fn a_worker_that_never_says_ready_fails_its_task_after_load_timeout() {
+    let mut env = worker_env(
+        "load_timeout = \"1s\"\n",
+        "[gpu]\nmax_parallel = 1\n[retry]\nmax_attempts = 1\nbreak_after = 0\n",
+    );
+    env.vars.push(("FAKE_GLM_LOAD".into(), "60".into()));
+    env.drop_file("slow.jsonl", &glm_line("slow", "你好"));
+    let out = env.run(&["run", "--once"], 60);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let failed = env.failed();
+    assert_eq!(failed.len(), 1, "{log}");
+    let f = &failed[0];
+    assert_eq!(f["error"]["kind"], "engine_failed");
+    assert!(
+        f["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not say it was ready within engine.load_timeout (1s)"),
+        "{f}"
+    );
+    assert!(log.contains("worker did not start"), "{log}");
+    assert!(events(&env, "load").is_empty());
 }

@@ -39,7 +39,8 @@ and by environment:
   FAKE_GLM_STATE     folder for the ONCE markers (default outputs/state)
   FAKE_GLM_LOG       append JSON lines: one per batch run, one per model
                      load ({"event": "load"}), one per item
-                     ({"event": "item"})
+                     ({"event": "item"}), one per prompt's speech tokens
+                     extracted ({"event": "extract"})
 """
 import argparse
 import array
@@ -204,6 +205,7 @@ class TTSFrontEnd:
         path = wav_paths[0]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prompt audio not found: {path}")
+        _log({"event": "extract", "path": path})
         return torch.tensor([[os.path.getsize(path) % 32768]], dtype=torch.int32)
 
     def _extract_speech_feat(self, wav_path, sample_rate=24000):
