@@ -63,7 +63,8 @@ pub struct Slot {
 pub enum ErrorKind {
     InvalidTask,
     EngineFailed,
-    /// A TTS server refused this task (a 4xx): not retried.
+    /// A TTS server refused this task (a 4xx), or a worker answered
+    /// `retryable: false`: not retried.
     EngineRejected,
     Timeout,
     InvalidOutput,

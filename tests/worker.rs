@@ -154,10 +154,10 @@ fn a_crash_a_hang_garbage_and_a_cuda_error_each_cost_one_worker_and_nothing_else
             .unwrap_or_else(|| panic!("{id} not done: {failed:#?}"));
         assert_eq!(r["attempts"], 1, "{r}");
     }
-    // A task the model refuses fails once, for good, with its message,
-    // without a new worker.
+    // A task the model refuses (the worker says not retryable) fails once,
+    // for good, as engine_rejected with its message, without a new worker.
     let bad = &failed["bad"];
-    assert_eq!(bad["error"]["kind"], "engine_failed");
+    assert_eq!(bad["error"]["kind"], "engine_rejected");
     assert_eq!(bad["attempts"], 1);
     assert!(
         bad["error"]["message"]

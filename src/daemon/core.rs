@@ -1226,14 +1226,15 @@ impl Core {
             .any(|o| matches!(o, Outcome::Completed { .. }));
         // Missing output after a clean exit is the task's (a bad prompt
         // clip, say): the engine ran. A crash, a timeout, a failure to
-        // start, a server's 5xx or refused token are the slot's.
+        // start, a server's 5xx or refused token are the slot's — also
+        // when the task is not retried (it took down two workers: once is
+        // a poison line, on three different tasks it is the GPU).
         let failure = outcomes.iter().find_map(|o| match o {
-            Outcome::Failed {
-                kind,
-                message,
-                give_up: false,
-                ..
-            } if kind.retryable() && *kind != ErrorKind::MissingOutput => Some(message.clone()),
+            Outcome::Failed { kind, message, .. }
+                if kind.retryable() && *kind != ErrorKind::MissingOutput =>
+            {
+                Some(message.clone())
+            }
             Outcome::Split { message, .. } => Some(message.clone()),
             _ => None,
         });
@@ -1813,6 +1814,35 @@ mod tests {
         // It works: the slot is trusted again, the others follow.
         let fx = finish(&mut r.core, trial, Outcome::Completed { run_ms: 1 });
         assert!(fx.iter().any(|e| matches!(e, Effect::Start(_))), "{fx:?}");
+    }
+
+    #[test]
+    fn a_task_the_engine_gives_up_on_is_recorded_at_once_and_counts_for_the_breaker() {
+        let mut r = rig();
+        let mut fx = step(&mut r.core, Event::Claimed(Ok(claim("L", "T", 5))));
+        let given_up = || Outcome::Failed {
+            kind: ErrorKind::EngineFailed,
+            message: "the task took down 2 workers".into(),
+            stderr_tail: String::new(),
+            run_ms: 1,
+            retry_after: None,
+            give_up: true,
+        };
+        let mut recorded = 0;
+        let mut paused = false;
+        for _ in 0..3 {
+            let run = started(&mut fx).expect("a run");
+            fx = finish(&mut r.core, run, given_up());
+            let recs = commits(&fx);
+            assert_eq!(recs.len(), 1, "recorded at its first attempt: {fx:?}");
+            assert_eq!(recs[0].0.status(), "failed");
+            recorded += 1;
+            paused |= fx
+                .iter()
+                .any(|e| matches!(e, Effect::Timer(_, Event::SlotResume(_))));
+        }
+        assert_eq!(recorded, 3);
+        assert!(paused, "three different tasks took down the slot's engine");
     }
 
     #[test]

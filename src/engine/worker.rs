@@ -19,7 +19,8 @@
 //! A worker that dies, hangs, answers garbage or says `fatal` is killed as a
 //! group and the task is run again alone on a fresh one; a task that takes
 //! down two workers fails for good (`give_up`), so a poison line costs two
-//! worker starts and nothing else. Replacements wait a backoff that grows
+//! worker starts and nothing else. An answer `retryable: false` is the
+//! task's own failure: `engine_rejected`, like a TTS server's 4xx. Replacements wait a backoff that grows
 //! with consecutive failures, so a worker that cannot load does not spin.
 
 use std::path::{Path, PathBuf};
@@ -910,13 +911,14 @@ impl SlotState {
                                 continue;
                             }
                         }
-                        Reply::Outcome(failed(
-                            ErrorKind::EngineFailed,
-                            message,
-                            tail,
-                            ms(),
-                            !a.retryable || a.fatal,
-                        ))
+                        // A refusal (not retryable, the worker lives on)
+                        // is the task's, as a TTS server's 4xx is.
+                        let kind = if a.retryable || a.fatal {
+                            ErrorKind::EngineFailed
+                        } else {
+                            ErrorKind::EngineRejected
+                        };
+                        Reply::Outcome(failed(kind, message, tail, ms(), a.fatal))
                     };
                     if let Some(w) = self.worker.take_if(|w| w.tasks >= self.set.max_tasks) {
                         info!(
