@@ -65,18 +65,8 @@ impl CommandEngine {
         cancel: watch::Receiver<bool>,
         free: Option<&mut SlotRelease>,
     ) -> Outcome {
-        let dir = job.output.parent().unwrap_or(Path::new("."));
-        if let Err(e) = crate::util::ensure_dir(dir) {
-            return fail(
-                ErrorKind::SpawnFailed,
-                format!(
-                    "cannot create output folder {}: {}",
-                    dir.display(),
-                    io_msg(&e)
-                ),
-                String::new(),
-                0,
-            );
+        if let Err(message) = super::ensure_output_dir(job) {
+            return fail(ErrorKind::SpawnFailed, message, String::new(), 0);
         }
         // No stale file can hold this name: the trace id is new with every
         // claim, and a failed attempt removes its own temp file.

@@ -174,17 +174,8 @@ impl HttpEngine {
         free: Option<&mut SlotRelease>,
     ) -> Outcome {
         let started = Instant::now();
-        let dir = job.output.parent().unwrap_or(Path::new("."));
-        if let Err(e) = crate::util::ensure_dir(dir) {
-            return failed(
-                ErrorKind::SpawnFailed,
-                format!(
-                    "cannot create output folder {}: {}",
-                    dir.display(),
-                    io_msg(&e)
-                ),
-                started,
-            );
+        if let Err(message) = super::ensure_output_dir(job) {
+            return failed(ErrorKind::SpawnFailed, message, started);
         }
         let tmp = super::sweep::temp_path(&job.output, &self.instance, job.trace_id.as_str());
         let body = match self.body_for(job, &tmp) {

@@ -315,6 +315,19 @@ impl Placeholders {
     }
 }
 
+/// Creates the folder of a job's output (an `output_name` may hold
+/// folders); the message for a `spawn_failed` record if it cannot.
+pub fn ensure_output_dir(job: &Job) -> Result<(), String> {
+    let dir = job.output.parent().unwrap_or(Path::new("."));
+    crate::util::ensure_dir(dir).map_err(|e| {
+        format!(
+            "cannot create output folder {}: {}",
+            dir.display(),
+            crate::util::io_msg(&e)
+        )
+    })
+}
+
 /// A WAV file starts with `RIFF....WAVE`; read from where `f` stands.
 pub fn has_wav_head(f: &mut impl std::io::Read) -> std::io::Result<bool> {
     let mut head = [0u8; 12];

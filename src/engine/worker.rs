@@ -209,19 +209,8 @@ impl WorkerEngine {
         cancel: watch::Receiver<bool>,
         free: Option<&mut SlotRelease>,
     ) -> Outcome {
-        let dir = job.output.parent().unwrap_or(Path::new("."));
-        if let Err(e) = crate::util::ensure_dir(dir) {
-            return failed(
-                ErrorKind::SpawnFailed,
-                format!(
-                    "cannot create output folder {}: {}",
-                    dir.display(),
-                    io_msg(&e)
-                ),
-                String::new(),
-                0,
-                false,
-            );
+        if let Err(message) = super::ensure_output_dir(job) {
+            return failed(ErrorKind::SpawnFailed, message, String::new(), 0, false);
         }
         let tmp = super::sweep::temp_path(&job.output, &self.instance, job.trace_id.as_str());
         let (tx, rx) = oneshot::channel();
@@ -511,16 +500,7 @@ impl Worker {
         .expect("a task line serializes");
         line.push(b'\n');
         let mut cancel = req.cancel.clone();
-        let cancelled = async {
-            loop {
-                if *cancel.borrow_and_update() {
-                    return;
-                }
-                if cancel.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
+        let cancelled = process::cancelled(&mut cancel);
         let Worker {
             child,
             stdin,
@@ -866,7 +846,7 @@ impl SlotState {
                 let mut stop = self.stop.clone();
                 tokio::select! {
                     _ = wait => {}
-                    _ = cancel.wait_for(|c| *c) => return Reply::Outcome(Outcome::Cancelled),
+                    _ = process::cancelled(&mut cancel) => return Reply::Outcome(Outcome::Cancelled),
                     _ = stop.wait_for(|s| *s) => return Reply::Outcome(Outcome::Cancelled),
                 }
                 if let Err(e) = self.start().await {

@@ -202,6 +202,18 @@ pub fn signal_group(pgid: i32, sig: i32) {
     }
 }
 
+/// Resolves once `cancel` is true; never if its sender is gone first.
+pub async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+    loop {
+        if *cancel.borrow_and_update() {
+            return;
+        }
+        if cancel.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Runs one child to its end. `cancel` turning true kills it at once.
 pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildResult {
     let started = Instant::now();
@@ -236,16 +248,7 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
 
     let deadline = tokio::time::sleep(spec.timeout);
     tokio::pin!(deadline);
-    let cancelled = async {
-        loop {
-            if *cancel.borrow_and_update() {
-                return;
-            }
-            if cancel.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    let cancelled = cancelled(&mut cancel);
     let ended = tokio::select! {
         r = child.exited() => r.map(|()| None),
         _ = &mut deadline => {
