@@ -21,11 +21,12 @@ one long item from holding GPU memory for the next hundred.
 
 Answers: a CUDA error ("CUDA error", device-side assert, cuBLAS/cuDNN) leaves
 the process unusable: `fatal`, and the worker exits. CUDA out of memory is
-retryable (the cache is emptied). Anything else an item raises (a missing or
-unreadable prompt clip, say) is not retryable.
+retryable (the cache is emptied), and so is a full disk. Anything else an
+item raises (a missing or unreadable prompt clip, say) is not retryable.
 """
 import argparse
 import collections
+import errno
 import json
 import os
 import sys
@@ -57,6 +58,8 @@ def classify(e):
         return True, True
     if "out of memory" in text.lower():
         return True, False
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        return True, False  # the disk, not the task: worth another try
     return False, False
 
 

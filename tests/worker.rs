@@ -421,3 +421,29 @@ fn a_worker_that_never_says_ready_fails_its_task_after_load_timeout() {
     assert!(log.contains("worker did not start"), "{log}");
     assert!(events(&env, "load").is_empty());
 }
+
+#[test]
+fn the_glmtts_worker_sorts_errors_into_retryable_and_fatal() {
+    let script = r#"
+import errno, sys
+sys.path.insert(0, "engines")
+from glmtts_worker import classify
+assert classify(RuntimeError("CUDA error: an illegal memory access was encountered")) == (True, True)
+assert classify(RuntimeError("CUDA error: device-side assert triggered")) == (True, True)
+assert classify(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == (True, False)
+assert classify(OSError(errno.ENOSPC, "No space left on device")) == (True, False)
+assert classify(FileNotFoundError(errno.ENOENT, "prompt audio not found")) == (False, False)
+assert classify(ValueError("the task needs prompt_audio")) == (False, False)
+print("ok")
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
