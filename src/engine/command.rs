@@ -122,18 +122,10 @@ impl CommandEngine {
                 res.stderr_tail,
                 run_ms,
             ),
-            Exit::Exited(_) => {
-                // fsync and rename block: keep them off the runtime thread,
-                // which spawns the other slots' children.
-                let (t, o) = (tmp.clone(), job.output.clone());
-                let done = tokio::task::spawn_blocking(move || finish_output(&t, &o))
-                    .await
-                    .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())));
-                match done {
-                    Ok(()) => Outcome::Completed { run_ms },
-                    Err((kind, message)) => fail(kind, message, res.stderr_tail, run_ms),
-                }
-            }
+            Exit::Exited(_) => match finish_output_off_thread(&tmp, &job.output).await {
+                Ok(()) => Outcome::Completed { run_ms },
+                Err((kind, message)) => fail(kind, message, res.stderr_tail, run_ms),
+            },
         };
         if !matches!(outcome, Outcome::Completed { .. }) {
             let _ = std::fs::remove_file(&tmp);
@@ -160,6 +152,18 @@ fn describe(st: std::process::ExitStatus) -> String {
         (None, Some(s)) => format!("signal {s}"),
         _ => st.to_string(),
     }
+}
+
+/// [`finish_output`] on the blocking pool: fsync and rename block, and the
+/// runtime thread is the one that starts the other slots' work.
+pub async fn finish_output_off_thread(
+    tmp: &Path,
+    output: &Path,
+) -> Result<(), (ErrorKind, String)> {
+    let (t, o) = (tmp.to_path_buf(), output.to_path_buf());
+    tokio::task::spawn_blocking(move || finish_output(&t, &o))
+        .await
+        .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())))
 }
 
 /// Validates the temp output, makes its bytes durable and renames it onto the

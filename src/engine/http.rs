@@ -213,19 +213,12 @@ impl HttpEngine {
                 retry_after: f.retry_after,
                 give_up: false,
             },
-            Ok(()) => {
-                let (t, o) = (tmp.clone(), job.output.clone());
-                let done =
-                    tokio::task::spawn_blocking(move || super::command::finish_output(&t, &o))
-                        .await
-                        .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())));
-                match done {
-                    Ok(()) => Outcome::Completed {
-                        run_ms: started.elapsed().as_millis() as u64,
-                    },
-                    Err((kind, message)) => failed(kind, format!("{url}: {message}"), started),
-                }
-            }
+            Ok(()) => match super::command::finish_output_off_thread(&tmp, &job.output).await {
+                Ok(()) => Outcome::Completed {
+                    run_ms: started.elapsed().as_millis() as u64,
+                },
+                Err((kind, message)) => failed(kind, format!("{url}: {message}"), started),
+            },
         };
         if !matches!(outcome, Outcome::Completed { .. }) {
             let _ = std::fs::remove_file(&tmp);

@@ -240,24 +240,17 @@ impl WorkerEngine {
             Reply::Wrote {
                 run_ms,
                 stderr_tail,
-            } => {
-                let (t, o) = (tmp.clone(), job.output.clone());
-                let done =
-                    tokio::task::spawn_blocking(move || super::command::finish_output(&t, &o))
-                        .await
-                        .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())));
-                match done {
-                    Ok(()) => Outcome::Completed { run_ms },
-                    Err((ErrorKind::MissingOutput, _)) => failed(
-                        ErrorKind::MissingOutput,
-                        "the worker answered ok but wrote no output file".into(),
-                        stderr_tail,
-                        run_ms,
-                        false,
-                    ),
-                    Err((kind, message)) => failed(kind, message, stderr_tail, run_ms, false),
-                }
-            }
+            } => match super::command::finish_output_off_thread(&tmp, &job.output).await {
+                Ok(()) => Outcome::Completed { run_ms },
+                Err((ErrorKind::MissingOutput, _)) => failed(
+                    ErrorKind::MissingOutput,
+                    "the worker answered ok but wrote no output file".into(),
+                    stderr_tail,
+                    run_ms,
+                    false,
+                ),
+                Err((kind, message)) => failed(kind, message, stderr_tail, run_ms, false),
+            },
         };
         if !matches!(outcome, Outcome::Completed { .. }) {
             let _ = std::fs::remove_file(&tmp);
