@@ -54,7 +54,37 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let total = 500 + appended;
     let mut d = env.spawn("solo");
     let count = || env.all("done").len() + env.all("failed").len();
-    wait_until(240, "all records", || count() >= total);
+    // On a timeout, say which lines lack a record and what the daemon was
+    // doing, so a rare hang can be diagnosed from CI's output alone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while count() < total {
+        if std::time::Instant::now() > deadline {
+            let have: std::collections::HashSet<String> = env
+                .all("done")
+                .iter()
+                .chain(env.all("failed").iter())
+                .filter_map(|r| r["id"].as_str().map(str::to_string))
+                .collect();
+            let missing: Vec<String> = (0..500)
+                .map(|i| format!("t{i}"))
+                .chain((0..appended).map(|i| format!("l{i}")))
+                .filter(|id| !have.contains(id))
+                .collect();
+            let log =
+                std::fs::read_to_string(env.root().join("daemon-solo.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            let status = env.cmd(&["status"]).output().unwrap();
+            sigkill(&d);
+            panic!(
+                "timed out after 240s: {} of {total} records; missing {:?}\nstatus:\n{}\ndaemon log, last lines:\n{}",
+                count(),
+                missing,
+                String::from_utf8_lossy(&status.stdout),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     sigterm(&d);
     assert!(d.wait().unwrap().success());
 
