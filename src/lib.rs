@@ -28,7 +28,8 @@
 //!   spawner thread, an allow-listed environment, timeouts, kills.
 //! - [`engine`]: what runs the TTS: the `command` engine, the GLM-TTS batch
 //!   engine, the `http` engine, the resident `worker` engine
-//!   ([`engine::worker`]), and the sweep of what killed runs leave
+//!   ([`engine::worker`]), finishing outputs on a thread of their own
+//!   ([`engine::finish`]), and the sweep of what killed runs leave
 //!   ([`engine::sweep`]).
 //! - [`webhook`]: signed webhooks: the outbox written with the records,
 //!   delivery with retries, name lookups on their own threads, the SSRF guard.

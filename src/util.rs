@@ -287,6 +287,35 @@ pub fn find_in_path(prog: &str, path: Option<&std::ffi::OsStr>) -> Option<std::p
         .find(|p| is_exec(p))
 }
 
+/// How much lower than the daemon's own priority its background threads
+/// run (see [`run_in_background`]).
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority by [`BACKGROUND_NICE`] (Linux
+/// keeps a nice value per thread). For threads whose work is not on the
+/// path from a task's end to the next task's start — checking and moving
+/// finished outputs, writing records: on a host whose cores are busy, the
+/// engine's children and the loop that starts them come first, and this
+/// work fills the gaps. It is a lower weight, not an idle class, so it is
+/// never starved. Returns the new nice value, or why it could not be set.
+pub fn run_in_background() -> io::Result<i32> {
+    // SAFETY: gettid, getpriority and setpriority touch no memory of ours.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        // getpriority can return -1 as a value: errno tells them apart.
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if now == -1 && *libc::__errno_location() != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let want = (now + BACKGROUND_NICE).min(19);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, want) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(want)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,5 +332,25 @@ mod tests {
     fn cut_respects_chars() {
         assert_eq!(cut("订单", 4), "订");
         assert_eq!(cut("ab", 4), "ab");
+    }
+
+    #[test]
+    fn a_background_thread_runs_ten_nice_steps_lower_and_others_do_not() {
+        // SAFETY: getpriority on our own thread ids.
+        let nice =
+            |tid: libc::pid_t| unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+        let main = unsafe { libc::gettid() };
+        let before = nice(main);
+        let (got, seen) = std::thread::spawn(move || {
+            let got = run_in_background();
+            (got, nice(unsafe { libc::gettid() }))
+        })
+        .join()
+        .unwrap();
+        let want = (before + BACKGROUND_NICE).min(19);
+        assert_eq!(got.unwrap(), want);
+        assert_eq!(seen, want, "the kernel's view of the thread");
+        // Only that thread: the one that spawned it is untouched.
+        assert_eq!(nice(main), before);
     }
 }

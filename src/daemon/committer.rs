@@ -2,7 +2,7 @@
 //!
 //! Whatever records are ready are appended under the records lock in one
 //! write and one fsync per log (and, while records stream in, a record
-//! waits up to 2 ms for companions, like PostgreSQL's `commit_delay`). A
+//! waits up to 10 ms for companions, like PostgreSQL's `commit_delay`). A
 //! record is written only if its lease still carries the token it was
 //! claimed with (fencing); webhook messages go to the outbox with it.
 
@@ -31,9 +31,14 @@ pub struct Webhooks {
 }
 
 /// How soon after the last group a record counts as part of a busy stream.
-const GROUP_BUSY: Duration = Duration::from_millis(10);
+const GROUP_BUSY: Duration = Duration::from_millis(50);
 /// How long a busy stream's record waits for others to share its fsyncs.
-const GROUP_WAIT: Duration = Duration::from_millis(2);
+/// At 2 ms a group held one or two records of a millisecond engine; at 10
+/// ms it holds about ten, and the daemon's own CPU per task went down by
+/// about a fifteenth (paired runs of the dispatch benchmark's cp tasks,
+/// 2026-11-22). Ten milliseconds more before a record is durable is nothing
+/// next to a TTS task.
+const GROUP_WAIT: Duration = Duration::from_millis(10);
 /// A group at least this big does not wait for more.
 const GROUP_ENOUGH: usize = 64;
 
@@ -45,6 +50,10 @@ pub fn committer(
     webhooks: Webhooks,
     once: bool,
 ) {
+    // Records are not on the path to the next task's start.
+    if let Err(e) = crate::util::run_in_background() {
+        tracing::debug!("cannot lower the record writer's priority: {e}");
+    }
     let mut last_group: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
         // A record that comes soon after the last group means tasks are

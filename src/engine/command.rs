@@ -9,7 +9,7 @@ use std::path::Path;
 
 use tokio::sync::watch;
 
-use super::{has_wav_head, ChildEnv, Job, Outcome, Slot, SlotRelease};
+use super::{ChildEnv, Job, Outcome, Slot, SlotRelease};
 use crate::config::Config;
 use crate::process::{self, ChildSpec, Exit};
 use crate::template::Template;
@@ -122,7 +122,7 @@ impl CommandEngine {
                 res.stderr_tail,
                 run_ms,
             ),
-            Exit::Exited(_) => match finish_output_off_thread(&tmp, &job.output).await {
+            Exit::Exited(_) => match super::finish::finish_output(&tmp, &job.output).await {
                 Ok(()) => Outcome::Completed { run_ms },
                 Err((kind, message)) => fail(kind, message, res.stderr_tail, run_ms),
             },
@@ -152,68 +152,4 @@ fn describe(st: std::process::ExitStatus) -> String {
         (None, Some(s)) => format!("signal {s}"),
         _ => st.to_string(),
     }
-}
-
-/// [`finish_output`] on the blocking pool: fsync and rename block, and the
-/// runtime thread is the one that starts the other slots' work.
-pub async fn finish_output_off_thread(
-    tmp: &Path,
-    output: &Path,
-) -> Result<(), (ErrorKind, String)> {
-    let (t, o) = (tmp.to_path_buf(), output.to_path_buf());
-    tokio::task::spawn_blocking(move || finish_output(&t, &o))
-        .await
-        .unwrap_or_else(|e| Err((ErrorKind::SpawnFailed, e.to_string())))
-}
-
-/// Validates the temp output, makes its bytes durable and renames it onto the
-/// final path. The folder's fsync (which makes the rename durable) is left to
-/// the record committer, which does it once per folder per group of records
-/// and before the records: a record never says `completed` for an output
-/// that a crash could still take back.
-pub fn finish_output(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String)> {
-    // One open serves the size, the header check and the fsync.
-    let mut f = match std::fs::File::open(tmp) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err((
-                ErrorKind::MissingOutput,
-                "engine exited 0 but wrote no output file".into(),
-            ))
-        }
-        Err(e) => return Err(unreadable(&e)),
-    };
-    let len = f.metadata().map_err(|e| unreadable(&e))?.len();
-    if len == 0 {
-        return Err((
-            ErrorKind::InvalidOutput,
-            "engine wrote an empty output file".into(),
-        ));
-    }
-    match has_wav_head(&mut f) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err((
-                ErrorKind::InvalidOutput,
-                format!("engine output ({len} bytes) is not a RIFF/WAVE file"),
-            ))
-        }
-        Err(e) => return Err(unreadable(&e)),
-    }
-    let moved = f
-        .sync_all()
-        .and_then(|()| super::move_into_place(tmp, output));
-    moved.map_err(|e| {
-        (
-            ErrorKind::SpawnFailed,
-            format!("cannot move output to {}: {}", output.display(), io_msg(&e)),
-        )
-    })
-}
-
-fn unreadable(e: &std::io::Error) -> (ErrorKind, String) {
-    (
-        ErrorKind::InvalidOutput,
-        format!("cannot read engine output: {}", io_msg(e)),
-    )
 }

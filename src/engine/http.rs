@@ -213,7 +213,7 @@ impl HttpEngine {
                 retry_after: f.retry_after,
                 give_up: false,
             },
-            Ok(()) => match super::command::finish_output_off_thread(&tmp, &job.output).await {
+            Ok(()) => match super::finish::finish_output(&tmp, &job.output).await {
                 Ok(()) => Outcome::Completed {
                     run_ms: started.elapsed().as_millis() as u64,
                 },

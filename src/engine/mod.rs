@@ -4,6 +4,7 @@
 //! `command` engine simply runs one child per job.
 
 pub mod command;
+pub mod finish;
 pub mod glmtts;
 pub mod http;
 pub mod sweep;

@@ -240,7 +240,7 @@ impl WorkerEngine {
             Reply::Wrote {
                 run_ms,
                 stderr_tail,
-            } => match super::command::finish_output_off_thread(&tmp, &job.output).await {
+            } => match super::finish::finish_output(&tmp, &job.output).await {
                 Ok(()) => Outcome::Completed { run_ms },
                 Err((ErrorKind::MissingOutput, _)) => failed(
                     ErrorKind::MissingOutput,
