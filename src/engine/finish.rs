@@ -20,7 +20,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use tokio::sync::oneshot;
 
@@ -35,11 +35,7 @@ type Request = (PathBuf, PathBuf, oneshot::Sender<Finished>);
 /// finisher thread.
 pub async fn finish_output(tmp: &Path, output: &Path) -> Finished {
     let (tx, rx) = oneshot::channel();
-    let sent =
-        finisher()
-            .lock()
-            .expect("finisher")
-            .send((tmp.to_path_buf(), output.to_path_buf(), tx));
+    let sent = finisher().send((tmp.to_path_buf(), output.to_path_buf(), tx));
     if sent.is_err() {
         return Err(stopped());
     }
@@ -54,8 +50,8 @@ fn stopped() -> (ErrorKind, String) {
 }
 
 /// The finisher thread's queue, started on first use.
-fn finisher() -> &'static Mutex<mpsc::Sender<Request>> {
-    static FINISHER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+fn finisher() -> &'static mpsc::Sender<Request> {
+    static FINISHER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
     FINISHER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
@@ -78,7 +74,7 @@ fn finisher() -> &'static Mutex<mpsc::Sender<Request>> {
                 }
             })
             .expect("the finisher thread starts");
-        Mutex::new(tx)
+        tx
     })
 }
 
@@ -87,7 +83,7 @@ fn finisher() -> &'static Mutex<mpsc::Sender<Request>> {
 /// the record committer, which does it once per folder per group of records
 /// and before the records: a record never says `completed` for an output
 /// that a crash could still take back.
-fn finish_now(tmp: &Path, output: &Path) -> Result<(), (ErrorKind, String)> {
+fn finish_now(tmp: &Path, output: &Path) -> Finished {
     // One open serves the size, the header check and the fsync.
     let mut f = match std::fs::File::open(tmp) {
         Ok(f) => f,
