@@ -249,36 +249,24 @@ impl Engine {
         cancel: watch::Receiver<bool>,
         free: &mut SlotRelease,
     ) -> Vec<Outcome> {
-        match self {
-            Engine::Command(c) => {
-                let mut out = Vec::with_capacity(jobs.len());
-                let last = jobs.len().saturating_sub(1);
-                for (i, j) in jobs.iter().enumerate() {
-                    let free = (i == last).then_some(&mut *free);
-                    out.push(c.run(j, slot, cancel.clone(), free).await);
-                }
-                out
-            }
-            Engine::Glmtts(g) => g.run(jobs, slot, cancel, free).await,
-            Engine::Worker(w) => {
-                let mut out = Vec::with_capacity(jobs.len());
-                let last = jobs.len().saturating_sub(1);
-                for (i, j) in jobs.iter().enumerate() {
-                    let free = (i == last).then_some(&mut *free);
-                    out.push(w.run(j, slot, cancel.clone(), free).await);
-                }
-                out
-            }
-            Engine::Http(h) => {
-                let mut out = Vec::with_capacity(jobs.len());
-                let last = jobs.len().saturating_sub(1);
-                for (i, j) in jobs.iter().enumerate() {
-                    let free = (i == last).then_some(&mut *free);
-                    out.push(h.run(j, slot, cancel.clone(), free).await);
-                }
-                out
-            }
+        // GLM-TTS runs the batch in one child; the others run its jobs one
+        // by one, and the last one's end frees the slot.
+        if let Engine::Glmtts(g) = self {
+            return g.run(jobs, slot, cancel, free).await;
         }
+        let mut out = Vec::with_capacity(jobs.len());
+        let last = jobs.len().saturating_sub(1);
+        for (i, j) in jobs.iter().enumerate() {
+            let free = (i == last).then_some(&mut *free);
+            let cancel = cancel.clone();
+            out.push(match self {
+                Engine::Command(c) => c.run(j, slot, cancel, free).await,
+                Engine::Worker(w) => w.run(j, slot, cancel, free).await,
+                Engine::Http(h) => h.run(j, slot, cancel, free).await,
+                Engine::Glmtts(_) => unreachable!("returned above"),
+            });
+        }
+        out
     }
 }
 
