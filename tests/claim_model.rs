@@ -30,7 +30,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestCaseError, TestRunner};
 use ttspool::spool::claim::{
-    read_lease, still_ours, Claimed, Claimer, CommitOutcome, LeaseDoc, LeaseOwner,
+    read_lease, still_ours, ClaimError, Claimed, Claimer, CommitOutcome, Failpoint, LeaseDoc,
+    LeaseOwner,
 };
 use ttspool::spool::lease::{LeaseBook, Settled};
 use ttspool::spool::lines::Line;
@@ -62,6 +63,20 @@ enum Op {
     Republish(usize, usize),
     /// Producer `f` closes its file; its next lines go to a new one.
     Close(usize),
+    /// Daemon `i` starts a claim round (`takeover`: a takeover pass), and
+    /// while it waits for the claim lock producer `f` appends a line
+    /// (wherever its file is now: a consumed file grows) and daemon `j`
+    /// claims `n` lines (bringing that file back).
+    Stalled {
+        i: usize,
+        j: usize,
+        n: usize,
+        f: usize,
+        takeover: bool,
+    },
+    /// Daemon `i` claims `n` lines and dies after writing a lease, before
+    /// moving the cursor past it.
+    CrashMidClaim(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -81,6 +96,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..FILES, 1usize..5).prop_map(|(f, n)| Op::Rewrite(f, n)),
         1 => (0..FILES, 1usize..4).prop_map(|(f, n)| Op::Republish(f, n)),
         1 => (0..FILES).prop_map(Op::Close),
+        2 => (d.clone(), d.clone(), 1usize..4, 0..FILES, any::<bool>())
+            .prop_map(|(i, j, n, f, takeover)| Op::Stalled { i, j, n, f, takeover }),
+        1 => (d.clone(), 1usize..4).prop_map(|(i, n)| Op::CrashMidClaim(i, n)),
     ]
 }
 
@@ -319,6 +337,48 @@ impl World {
                     }
                 }
             }
+            Op::Stalled {
+                i,
+                j,
+                n,
+                f,
+                takeover,
+            } if alive(self, i) => {
+                let mut c = self.daemons[i].claimer.take().unwrap();
+                let meanwhile = |w: &mut World| {
+                    w.step(&Op::Append(f, 1, false));
+                    if j != i {
+                        w.step(&Op::Claim(j, n));
+                    }
+                };
+                if takeover {
+                    let got = c.take_over_with(|| meanwhile(self)).unwrap();
+                    self.daemons[i].claimer = Some(c);
+                    for (h, lines) in got {
+                        self.hold(i, h.path, h.doc.token, lines.iter().map(|c| c.no).collect());
+                        self.daemons[i].queue.extend(lines);
+                    }
+                } else {
+                    let batch = c.claim_with(n, || meanwhile(self)).unwrap();
+                    self.daemons[i].claimer = Some(c);
+                    for h in batch.leases {
+                        self.hold(i, h.path, h.doc.token, h.doc.lines);
+                    }
+                    self.daemons[i].queue.extend(batch.lines);
+                }
+            }
+            Op::CrashMidClaim(i, n) if alive(self, i) => {
+                let c = self.daemons[i].claimer.as_mut().unwrap();
+                c.fail_at(Some(Failpoint::AfterLease));
+                match c.claim(n) {
+                    Ok(b) => assert!(b.lines.is_empty(), "claimed past a failpoint"),
+                    Err(e) => assert!(
+                        matches!(e, ClaimError::Failpoint(_)),
+                        "unexpected claim error: {e}"
+                    ),
+                }
+                self.step(&Op::Crash(i));
+            }
             Op::Pause(i) => self.daemons[i].paused = true,
             Op::Resume(i) => self.daemons[i].paused = false,
             Op::Crash(i) => {
@@ -452,7 +512,11 @@ impl World {
                 )));
             }
             let actor = match op {
-                Op::Finish(i) | Op::TakeOver(i) | Op::Claim(i, _) => &self.daemons[*i].name,
+                Op::Finish(i)
+                | Op::TakeOver(i)
+                | Op::Claim(i, _)
+                | Op::Stalled { i, .. }
+                | Op::CrashMidClaim(i, _) => &self.daemons[*i].name,
                 _ => {
                     return Err(TestCaseError::fail(format!(
                         "lease {} vanished on {op:?}",
@@ -510,6 +574,19 @@ impl World {
         }
         if let Some((k, n)) = records.iter().find(|(_, &n)| n != 1) {
             return Err(TestCaseError::fail(format!("line {k:?} has {n} records")));
+        }
+        // Every line has its record, so every file has left pending/ (the
+        // model's consume_after is zero): none is stuck there for good.
+        let stuck: Vec<String> = std::fs::read_dir(self.spool.pending())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        if !stuck.is_empty() {
+            return Err(TestCaseError::fail(format!(
+                "files never consumed although every line has its record: {stuck:?}"
+            )));
         }
         Ok(())
     }
@@ -572,5 +649,49 @@ fn the_model_finds_the_old_lost_record_bug() {
     match res {
         Err(e) => println!("the old bookkeeping fails as it should: {e}"),
         Ok(()) => panic!("the model did not find the bug the old bookkeeping had"),
+    }
+}
+
+/// Regression (issue 29, 1): a takeover pass listed `pending/` before it
+/// took the claim lock; meanwhile another daemon brought a consumed file
+/// back, the stale listing lacked it, and its sidecar was dropped — the
+/// file was then read again from line 1.
+#[test]
+fn a_file_brought_back_while_a_takeover_waits_for_the_lock_keeps_its_sidecar() {
+    let ops = [
+        Op::Append(0, 2, false),
+        Op::Claim(0, 4),
+        Op::Start(0),
+        Op::Finish(0),
+        Op::Start(0),
+        Op::Finish(0),
+        Op::Claim(0, 4), // consumed: moved to pending/.consumed/
+        Op::Stalled {
+            i: 1,
+            j: 0,
+            n: 4,
+            f: 0,
+            takeover: true,
+        },
+    ];
+    if let Err(e) = run_model(Mode::Fenced, &ops) {
+        panic!("{e}");
+    }
+}
+
+/// Regression (issue 29, 2): a daemon died between writing a lease and
+/// moving the cursor; its restart took the lease over and wrote a cursor
+/// without its log position, so the file's records were never found and it
+/// stayed in `pending/` for good.
+#[test]
+fn a_lease_taken_over_before_its_cursor_was_written_lets_the_file_be_consumed() {
+    let ops = [
+        Op::Append(0, 1, false),
+        Op::CrashMidClaim(0, 1), // the file's first claim: no cursor yet
+        Op::Restart(0),
+        Op::TakeOver(0),
+    ];
+    if let Err(e) = run_model(Mode::Fenced, &ops) {
+        panic!("{e}");
     }
 }

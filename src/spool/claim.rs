@@ -43,7 +43,7 @@ use super::ident::{self, Ident, Probe};
 use super::lines::{Line, LineReader, LongLine, Next};
 use super::locks::Where;
 use super::records::RecordLog;
-use super::scan::{scan_all, Entry};
+use super::scan::{any_task_file, scan_all, Entry};
 use super::sidecar::{lease_name, read_cursor, write_cursor, write_ident};
 pub use super::sidecar::{read_lease, Cursor, LeaseDoc};
 pub use super::summary::{summary, Summary};
@@ -67,6 +67,9 @@ pub enum ClaimError {
     NotAFolder(PathBuf),
     #[error("the claim lock {} did not keep another daemon out (its owner token changed while we held it): locks on this spool do not work across hosts or mounts; stopping so that no line runs twice (see `ttspool check`)", .0.display())]
     LockBroken(PathBuf),
+    /// A test stopped the claim here ([`Claimer::fail_at`]).
+    #[error("stopped at failpoint {0:?}")]
+    Failpoint(Failpoint),
     /// An error that already names its file and action.
     #[error("{0}")]
     Sidecar(io::Error),
@@ -218,7 +221,17 @@ pub struct Claimer {
     pub(super) unrecorded_warned: HashSet<String>,
     /// Entries of `pending/` already reported as not read (symlinks, FIFOs...).
     pub(super) rejected_warned: HashSet<String>,
+    /// Where a claim stops as if the process died there (tests only).
+    pub(super) failpoint: Option<Failpoint>,
     pub(super) _instance_lock: File,
+}
+
+/// A point inside a claim where the model test makes a daemon die.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// A lease is durable, its cursor not yet moved.
+    AfterLease,
 }
 
 /// The set of lease paths a process holds.
@@ -295,6 +308,7 @@ impl Claimer {
             held: HeldSet::default(),
             unrecorded_warned: HashSet::new(),
             rejected_warned: HashSet::new(),
+            failpoint: None,
             _instance_lock: lock,
         };
         match c.heartbeat() {
@@ -315,6 +329,13 @@ impl Claimer {
         self.follow_every = follow_every;
     }
 
+    /// Makes claims stop at `at` as if the process died there (the claim
+    /// model test); the claimer is to be dropped after.
+    #[doc(hidden)]
+    pub fn fail_at(&mut self, at: Option<Failpoint>) {
+        self.failpoint = at;
+    }
+
     /// The leases this process holds.
     pub fn held(&self) -> HeldSet {
         self.held.clone()
@@ -328,28 +349,45 @@ impl Claimer {
     /// (oldest first within a file), moves fully consumed files away, and
     /// brings back consumed files that grew.
     pub fn claim(&mut self, want: usize) -> Result<Batch, ClaimError> {
+        self.claim_with(want, || {})
+    }
+
+    /// [`Claimer::claim`], with `before_lock` run just before the claim lock
+    /// is taken: what other daemons and producers may do while we wait for
+    /// it (the claim model test's interleavings).
+    pub fn claim_with(&mut self, want: usize, before_lock: impl FnOnce()) -> Result<Batch, ClaimError> {
         let pending = self.spool.pending();
-        let found = scan_all(&pending).map_err(io_err("list", &pending))?;
-        let names: HashSet<String> = found.rejected.iter().map(|r| r.name.clone()).collect();
-        self.rejected_warned.retain(|n| names.contains(n));
-        for r in &found.rejected {
-            if self.rejected_warned.insert(r.name.clone()) {
-                tracing::warn!(file = %r.name, "not read: {}", r.why);
-            }
-        }
         let mut batch = Batch::default();
-        if found.files.is_empty() && !self.follow_is_due() {
+        // Whether to take the lock at all; what is claimed is decided on a
+        // listing taken under it (another daemon may move files meanwhile).
+        if !any_task_file(&pending).map_err(io_err("list", &pending))? && !self.follow_is_due() {
             self.seen.clear();
             return Ok(batch);
         }
+        before_lock();
         let lock = self.lock_claims()?;
-        let res = self.claim_locked(found.files, want, &mut batch);
+        let res = scan_all(&pending)
+            .map_err(io_err("list", &pending))
+            .and_then(|found| {
+                self.note_rejected(&found.rejected);
+                self.claim_locked(found.files, want, &mut batch)
+            });
         lock.release()?;
         match res {
             Err(err) if err.is_disk_full() => batch.disk_full = Some(err.to_string()),
             other => other?,
         }
         Ok(batch)
+    }
+
+    fn note_rejected(&mut self, rejected: &[super::scan::Rejected]) {
+        let names: HashSet<&str> = rejected.iter().map(|r| r.name.as_str()).collect();
+        self.rejected_warned.retain(|n| names.contains(n.as_str()));
+        for r in rejected {
+            if self.rejected_warned.insert(r.name.clone()) {
+                tracing::warn!(file = %r.name, "not read: {}", r.why);
+            }
+        }
     }
 
     fn claim_locked(
@@ -486,7 +524,7 @@ impl Claimer {
                 write_ident(&dir, &next)?;
             }
             if cursor.since.is_none() {
-                cursor.since = Some(self.log.position());
+                cursor.since = Some(self.repaired_since(&dir, &cursor_path, &cursor)?);
             }
             out.push(Found {
                 size: probe.size,
@@ -500,15 +538,42 @@ impl Claimer {
         Ok(out)
     }
 
-    /// The idents of all sidecars in `.ttspool/files/`.
+    /// Where a file's records start, for a cursor that does not say: now,
+    /// for a file never claimed from; else the earliest lease's position,
+    /// or the start of the logs (a cursor written without it, by a crash
+    /// or an older version). Never guessed later than a record it has.
+    fn repaired_since(
+        &self,
+        dir: &Path,
+        cursor_path: &Path,
+        cursor: &Cursor,
+    ) -> Result<super::records::Pos, ClaimError> {
+        let leases = super::sidecar::earliest_lease_pos(dir)?;
+        if leases.is_none() && *cursor == Cursor::default() {
+            return Ok(self.log.position());
+        }
+        let since = leases.unwrap_or_default();
+        tracing::info!(cursor = %cursor_path.display(), "a claim cursor without its log position: reading the file's records from {since:?}");
+        let repaired = Cursor {
+            since: Some(since),
+            ..cursor.clone()
+        };
+        write_cursor(cursor_path, &repaired)?;
+        Ok(since)
+    }
+
+    /// The idents of all sidecars in `.ttspool/files/`. One that cannot be
+    /// read fails the round: a file whose sidecar is unknown for a moment
+    /// must not look new (its lines would be claimed again).
     fn idents(&self) -> Result<BTreeMap<String, Ident>, ClaimError> {
         let files = self.spool.files();
         let mut out = BTreeMap::new();
         for dent in fs::read_dir(&files).map_err(io_err("list", &files))? {
             let dent = dent.map_err(io_err("list", &files))?;
             let key = dent.file_name().to_string_lossy().into_owned();
-            if let Some(id) = ident::read(&dent.path()).or_else(|| ident::legacy(&key, &self.mount))
-            {
+            let dir = dent.path();
+            let id = ident::load(&dir).map_err(io_err("read the ident in", &dir))?;
+            if let Some(id) = id.or_else(|| ident::legacy(&key, &self.mount)) {
                 out.insert(key, id);
             }
         }
@@ -632,6 +697,9 @@ impl Claimer {
             }
         }
         fsync_dir(&f.dir).map_err(io_err("sync", &f.dir))?;
+        if self.failpoint == Some(Failpoint::AfterLease) {
+            return Err(ClaimError::Failpoint(Failpoint::AfterLease));
+        }
         write_cursor(&cursor_path, &cur.at(end_off, end_line, tail))?;
         self.held
             .lock()

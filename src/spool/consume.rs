@@ -124,11 +124,24 @@ impl Claimer {
 
     /// A sidecar whose file is not in `pending/` and that holds no lease:
     /// parked if its file was being consumed, else removed (the file is gone).
+    /// Call under the claim lock, with a complete listing of `pending/`
+    /// taken under it that matched no file to this sidecar.
     pub(super) fn drop_sidecar(&mut self, key: &str, dir: &Path) -> Result<(), ClaimError> {
-        let moving = ident::read(dir).and_then(|id| id.consumed);
+        let id = ident::load(dir).map_err(io_err("read the ident in", dir))?;
+        let moving = id.and_then(|id| id.consumed);
         match moving {
-            Some(c) if self.spool.consumed().join(c.os_name()).exists() => self.park(key, dir),
-            _ => {
+            Some(c) => {
+                let at = self.spool.consumed().join(c.os_name());
+                match fs::symlink_metadata(&at) {
+                    Ok(_) => self.park(key, dir),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        let _ = fs::remove_dir_all(dir);
+                        Ok(())
+                    }
+                    Err(e) => Err(io_err("stat", &at)(e)),
+                }
+            }
+            None => {
                 let _ = fs::remove_dir_all(dir);
                 Ok(())
             }
@@ -164,9 +177,19 @@ impl Claimer {
                 continue;
             }
             let dir = followed.join(&key);
-            let Some(id) = ident::read(&dir) else {
-                let _ = fs::remove_dir_all(&dir);
-                continue;
+            let id = match ident::load(&dir) {
+                Ok(Some(id)) => id,
+                Ok(None) => {
+                    let _ = fs::remove_dir_all(&dir);
+                    continue;
+                }
+                // Not "gone": looked at again next time.
+                Err(e) => {
+                    let err = io_err("read the ident in", &dir)(e);
+                    tracing::warn!("{err}");
+                    batch.errors.push(err.to_string());
+                    continue;
+                }
             };
             let Some(moved) = id.consumed.clone() else {
                 let _ = fs::remove_dir_all(&dir);
@@ -175,6 +198,12 @@ impl Claimer {
             let path = self.spool.consumed().join(moved.os_name());
             let md = match fs::symlink_metadata(&path) {
                 Ok(md) if md.is_file() => md,
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    let err = io_err("stat", &path)(e);
+                    tracing::warn!("{err}");
+                    batch.errors.push(err.to_string());
+                    continue;
+                }
                 // Deleted (retention, or by hand): nothing more can come.
                 _ => {
                     let _ = fs::remove_dir_all(&dir);
@@ -258,8 +287,10 @@ impl Claimer {
         let file = f.file.try_clone().map_err(io_err("read", path))?;
         let mut reader =
             LineReader::open(file, 0, 0, self.max_line_bytes).map_err(io_err("read", path))?;
+        // Only what the cursor covers: lines a producer appended since the
+        // round's probe are not claimed yet, not lost.
         let mut missing = Vec::new();
-        loop {
+        while reader.position() < f.cursor.offset {
             match reader.next(true).map_err(io_err("read", path))? {
                 Next::Line(l) if !l.is_blank() && !recorded.contains(&l.no()) => {
                     missing.push(l.no())

@@ -303,9 +303,27 @@ pub fn shown(name: &OsStr) -> (String, Option<String>) {
     }
 }
 
-/// Reads a sidecar's ident, if it has one.
+/// Reads a sidecar's ident, if it has one; any error is `None`. Only for
+/// what is shown (status, lookups): a decision about the file uses [`load`].
 pub fn read(dir: &Path) -> Option<Ident> {
-    serde_json::from_slice(&std::fs::read(dir.join("ident")).ok()?).ok()
+    load(dir).ok().flatten()
+}
+
+/// Reads a sidecar's ident: `Ok(None)` only when there is none. Any other
+/// failure (descriptors running out, an I/O error, a damaged file) is an
+/// error, never "a file not seen before": that would claim its lines again.
+pub fn load(dir: &Path) -> std::io::Result<Option<Ident>> {
+    let p = dir.join("ident");
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is damaged: {e}", p.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,21 @@ pub struct Pos {
     pub failed: u64,
 }
 
+impl Pos {
+    /// A point at or before both: reading from it sees what either sees.
+    pub fn earliest(self, other: Pos) -> Pos {
+        match self.epoch.cmp(&other.epoch) {
+            std::cmp::Ordering::Less => self,
+            std::cmp::Ordering::Greater => other,
+            std::cmp::Ordering::Equal => Pos {
+                epoch: self.epoch,
+                done: self.done.min(other.done),
+                failed: self.failed.min(other.failed),
+            },
+        }
+    }
+}
+
 /// The two logs and the lock that serializes appends across daemons.
 ///
 /// Rotation (by size, or at the first write of a new UTC day) happens under

@@ -55,6 +55,17 @@ pub struct Scan {
     pub rejected: Vec<Rejected>,
 }
 
+/// True if `pending/` holds an entry named like a task file (stops at the
+/// first): whether a claim round is worth the claim lock.
+pub fn any_task_file(pending: &Path) -> std::io::Result<bool> {
+    for ent in std::fs::read_dir(pending)? {
+        if is_task_file(&ent?.file_name()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Lists `pending/` without following symlinks or opening anything.
 pub fn scan(pending: &Path) -> std::io::Result<Vec<Entry>> {
     scan_all(pending).map(|s| s.files)

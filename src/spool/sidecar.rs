@@ -120,6 +120,17 @@ pub fn list_leases(dir: &Path) -> Result<Vec<PathBuf>, ClaimError> {
     Ok(out)
 }
 
+/// The earliest log position any lease in `dir` was claimed at.
+pub fn earliest_lease_pos(dir: &Path) -> Result<Option<Pos>, ClaimError> {
+    let mut out: Option<Pos> = None;
+    for lp in list_leases(dir)? {
+        if let Some(doc) = read_lease(&lp) {
+            out = Some(out.map_or(doc.pos, |p| p.earliest(doc.pos)));
+        }
+    }
+    Ok(out)
+}
+
 pub fn has_leases(dir: &Path) -> Result<bool, ClaimError> {
     Ok(!list_leases(dir)?.is_empty())
 }

@@ -20,26 +20,53 @@ use super::scan::scan;
 use super::sidecar::{lease_start, list_leases, read_cursor, read_lease, write_cursor, LeaseDoc};
 use crate::util::atomic_write;
 
+/// The sidecar keys of the files in `pending/`, from a listing under the
+/// claim lock; `complete` when every file there could be identified (else a
+/// sidecar not named may still be some file's, and none is dropped).
+struct Present {
+    keys: HashSet<String>,
+    complete: bool,
+}
+
 impl Claimer {
     /// Takes over leases whose owner is gone (or that were handed back), and
     /// returns them with the lines that still need a record. Also writes our
     /// heartbeat and removes sidecar folders of files that are gone.
     pub fn take_over(&mut self) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
+        self.take_over_with(|| {})
+    }
+
+    /// [`Claimer::take_over`], with `before_lock` run just before the claim
+    /// lock is taken (see [`Claimer::claim_with`]).
+    pub fn take_over_with(
+        &mut self,
+        before_lock: impl FnOnce(),
+    ) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
         self.heartbeat()?;
         let pending = self.spool.pending();
-        let entries = scan(&pending).map_err(io_err("list", &pending))?;
+        before_lock();
         let lock = self.lock_claims()?;
-        let res = self.identify(entries, &mut Vec::new()).and_then(|found| {
-            let present: HashSet<String> = found.into_iter().map(|f| f.key).collect();
-            self.take_over_locked(&present)
-        });
+        // Listed under the lock: a listing from before it may miss a file
+        // another daemon brought back meanwhile, and its sidecar would look
+        // orphaned.
+        let res = scan(&pending)
+            .map_err(io_err("list", &pending))
+            .and_then(|entries| {
+                let mut errors = Vec::new();
+                let found = self.identify(entries, &mut errors)?;
+                let present = Present {
+                    keys: found.into_iter().map(|f| f.key).collect(),
+                    complete: errors.is_empty(),
+                };
+                self.take_over_locked(&present)
+            });
         lock.release()?;
         res
     }
 
     fn take_over_locked(
         &mut self,
-        present: &HashSet<String>,
+        present: &Present,
     ) -> Result<Vec<(Held, Vec<Claimed>)>, ClaimError> {
         // Claims only happen under `&mut self`, so this snapshot is complete.
         let held = self.held.lock().expect("held set").clone();
@@ -52,8 +79,10 @@ impl Claimer {
             let key = dent.file_name().to_string_lossy().into_owned();
             let leases = list_leases(&dir)?;
             if leases.is_empty() {
-                if !present.contains(&key) {
-                    self.drop_sidecar(&key, &dir)?;
+                if present.complete && !present.keys.contains(&key) {
+                    if let Err(e) = self.drop_sidecar(&key, &dir) {
+                        tracing::warn!("{e}"); // kept; looked at again next time
+                    }
                 }
                 continue;
             }
@@ -111,7 +140,15 @@ impl Claimer {
         self.held.lock().expect("held set").insert(lp.to_path_buf());
         tracing::info!(lease = %lp.display(), from = %old.instance, released = old.released, lines = doc.lines.len(), "took over lease");
         let cursor_path = dir.join("cursor");
-        let cur = read_cursor(&cursor_path)?;
+        let mut cur = read_cursor(&cursor_path)?;
+        // A cursor without its log position (the claim that wrote this lease
+        // crashed before the cursor): the lease's position bounds the
+        // file's records from below, never the logs' end now.
+        let since = cur.since.map_or(doc.pos, |s| s.earliest(doc.pos));
+        if cur.since != Some(since) {
+            cur.since = Some(since);
+            write_cursor(&cursor_path, &cur)?;
+        }
         if cur.gen == doc.gen && cur.offset < doc.end_off {
             write_cursor(&cursor_path, &cur.at(doc.end_off, doc.end_line, None))?;
         }
