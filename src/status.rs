@@ -8,6 +8,13 @@ use crate::spool::records::RecordLog;
 use crate::spool::Spool;
 
 pub fn status(cfg: &Config, json: bool, watch: bool, id: Option<&str>) -> anyhow::Result<u8> {
+    let root = &cfg.spool.dir;
+    if !root.is_dir() {
+        anyhow::bail!(
+            "spool.dir {} does not exist (or is not a folder): no daemon has run on it yet, or the config names another spool",
+            root.display()
+        );
+    }
     if !watch || id.is_some() {
         return status_once(cfg, json, id);
     }

@@ -354,3 +354,12 @@ mod tests {
         assert_eq!(nice(main), before);
     }
 }
+
+/// Dies here, as a `kill -9` would, when `TTSPOOL_FAILPOINT` names `point`:
+/// the crash tests stop a command at each step of a protocol this way.
+pub fn failpoint(point: &str) {
+    if std::env::var_os("TTSPOOL_FAILPOINT").is_some_and(|v| v == point) {
+        // SAFETY: raising a signal on ourselves.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}

@@ -247,8 +247,14 @@ impl World {
                 let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
                 v["output_name"].as_str().unwrap().to_string()
             }
-            // Taken over after its file was replaced: no text to name it by.
-            _ => format!("gone:{}:{}", c.file_id, c.no),
+            // Taken over after its file was replaced: named by what its
+            // lease kept of it.
+            Err(gone) => {
+                let raw = gone.raw.as_deref().expect("the lease kept the line");
+                let v: serde_json::Value = serde_json::from_str(raw).unwrap();
+                v["output_name"].as_str().unwrap().to_string()
+            }
+            Ok(Line::TooLong { .. }) => unreachable!("the model's lines are short"),
         };
         let rec = Record::Failed {
             common: Common {

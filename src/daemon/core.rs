@@ -914,14 +914,11 @@ impl Core {
             );
         };
         let bytes = match c.line {
-            Err(msg) => {
-                return invalid(
-                    self,
-                    format!("{}:{}", cref.file, cref.line),
-                    msg,
-                    String::new(),
-                    None,
-                )
+            Err(gone) => {
+                let raw = gone.raw.unwrap_or_default();
+                let id = guess_id(raw.as_bytes())
+                    .unwrap_or_else(|| format!("{}:{}", cref.file, cref.line));
+                return invalid(self, id, gone.why, raw, None);
             }
             Ok(Line::TooLong { len, head, .. }) => {
                 let msg = format!(
@@ -1548,6 +1545,7 @@ mod tests {
             lines: lines.clone(),
             pos: Pos::default(),
             released: false,
+            raw: Vec::new(),
         };
         let claimed = lines
             .iter()

@@ -136,7 +136,15 @@ pub struct Claimed {
     pub no: u64,
     /// The line, or why it could no longer be read (taken over from a file
     /// that was replaced meanwhile).
-    pub line: Result<Line, String>,
+    pub line: Result<Line, Gone>,
+}
+
+/// A claimed line that can no longer be read from its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gone {
+    pub why: String,
+    /// What the line held when claimed, as its lease kept it.
+    pub raw: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -355,7 +363,11 @@ impl Claimer {
     /// [`Claimer::claim`], with `before_lock` run just before the claim lock
     /// is taken: what other daemons and producers may do while we wait for
     /// it (the claim model test's interleavings).
-    pub fn claim_with(&mut self, want: usize, before_lock: impl FnOnce()) -> Result<Batch, ClaimError> {
+    pub fn claim_with(
+        &mut self,
+        want: usize,
+        before_lock: impl FnOnce(),
+    ) -> Result<Batch, ClaimError> {
         let pending = self.spool.pending();
         let mut batch = Batch::default();
         // Whether to take the lock at all; what is claimed is decided on a
@@ -672,6 +684,7 @@ impl Claimer {
             lines: lines.iter().map(Line::no).collect(),
             pos: self.log.position(),
             released: false,
+            raw: lines.iter().map(Line::kept).collect(),
         };
         let lease_path = f.dir.join(lease_name(cur.gen, cur.line + 1));
         let body = serde_json::to_vec(&doc).expect("lease serializes");

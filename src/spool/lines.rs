@@ -38,6 +38,17 @@ pub enum Line {
 }
 
 impl Line {
+    /// What a record keeps of the line when it cannot run: up to
+    /// [`RAW_KEEP`] bytes of it, lossily as text.
+    pub fn kept(&self) -> String {
+        let b = match self {
+            Line::Text { bytes, .. } => bytes,
+            Line::TooLong { head, .. } => head,
+        };
+        let b = &b[..b.len().min(RAW_KEEP)];
+        crate::util::cut(&String::from_utf8_lossy(b), RAW_KEEP).to_string()
+    }
+
     pub fn no(&self) -> u64 {
         match self {
             Line::Text { no, .. } | Line::TooLong { no, .. } => *no,

@@ -78,11 +78,22 @@ pub struct LeaseDoc {
     /// Handed back by a daemon that stopped: anyone may take it at once.
     #[serde(default)]
     pub released: bool,
+    /// What each of `lines` held when claimed (up to `RAW_KEEP` bytes):
+    /// a line whose file is replaced before it runs is recorded with its
+    /// own id and text, not a made-up one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raw: Vec<String>,
 }
 
 impl LeaseDoc {
     pub fn file_id(&self) -> FileId {
         FileId::new(&self.key, self.gen)
+    }
+
+    /// What line `no` held when claimed, if the lease kept it.
+    pub fn raw_of(&self, no: u64) -> Option<String> {
+        let i = self.lines.iter().position(|&l| l == no)?;
+        self.raw.get(i).cloned()
     }
 }
 

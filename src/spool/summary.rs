@@ -1,7 +1,7 @@
 //! What `ttspool status` shows about the spool's unfinished lines: read
 //! only, matching files with their sidecars as a claim would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io;
 use std::time::SystemTime;
@@ -11,9 +11,11 @@ use serde::Serialize;
 use super::ident::{self, Probe};
 use super::lines::{LineReader, Next};
 use super::locks::Where;
+use super::records::{Pos, RecordLog};
 use super::scan::scan_all;
 use super::sidecar::{list_leases, read_cursor, read_lease};
 use super::Spool;
+use crate::vocab::FileId;
 
 /// What `status` shows about the spool's unfinished lines.
 #[derive(Debug, Default, Serialize)]
@@ -68,11 +70,26 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
     let probes: Vec<Probe> = opened.iter().map(|(_, _, p)| p.clone()).collect();
     let keys = ident::assign(&probes, &known, &mount);
     for ((e, f, p), key) in opened.into_iter().zip(keys) {
-        let cur = key
+        let dir = key
             .filter(|k| known[k].head_matches(&p))
-            .and_then(|k| read_cursor(&spool.files().join(k).join("cursor")).ok())
+            .map(|k| spool.files().join(k));
+        let mut cur = dir
+            .as_ref()
+            .and_then(|d| read_cursor(&d.join("cursor")).ok())
             .filter(|c| c.offset <= p.size)
             .unwrap_or_default();
+        // A claim killed between its lease and its cursor: the lease's
+        // lines are in flight, not pending.
+        for lp in dir
+            .map(|d| list_leases(&d).unwrap_or_default())
+            .unwrap_or_default()
+        {
+            if let Some(doc) = read_lease(&lp).filter(|d| d.gen == cur.gen) {
+                if doc.end_off > cur.offset && doc.end_off <= p.size {
+                    (cur.offset, cur.line) = (doc.end_off, doc.end_line);
+                }
+            }
+        }
         let mut r = LineReader::open(f, cur.offset, cur.line, max_line_bytes)?;
         let before = s.pending_lines;
         while let Next::Line(l) = r.next(true)? {
@@ -84,15 +101,38 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
             s.oldest_pending = Some(e.mtime);
         }
     }
+    let mut leases = Vec::new();
     if let Ok(rd) = fs::read_dir(spool.files()) {
         for d in rd.flatten() {
-            for lp in list_leases(&d.path()).unwrap_or_default() {
-                if let Some(doc) = read_lease(&lp) {
-                    let n = doc.lines.len() as u64;
-                    s.in_flight += n;
-                    *s.in_flight_by_instance.entry(doc.instance).or_default() += n;
-                }
+            leases.extend(
+                list_leases(&d.path())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|lp| read_lease(lp)),
+            );
+        }
+    }
+    // A daemon killed after a record and before deleting its lease leaves
+    // lines that are done: only those without a record are in flight.
+    let mut recorded = HashSet::new();
+    if let Some(from) = leases.iter().map(|d| d.pos).reduce(Pos::earliest) {
+        let wanted: HashSet<FileId> = leases.iter().map(|d| d.file_id()).collect();
+        RecordLog::new(spool).read_since(from, |r, _, _| {
+            if wanted.contains(&r.file_id) {
+                recorded.insert((r.file_id, r.source.line));
             }
+        })?;
+    }
+    for doc in leases {
+        let id = doc.file_id();
+        let n = doc
+            .lines
+            .iter()
+            .filter(|&&l| !recorded.contains(&(id.clone(), l)))
+            .count() as u64;
+        if n > 0 {
+            s.in_flight += n;
+            *s.in_flight_by_instance.entry(doc.instance).or_default() += n;
         }
     }
     Ok(s)

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::Path;
 
-use super::claim::{io_err, ClaimError, Claimed, Claimer, Held};
+use super::claim::{io_err, ClaimError, Claimed, Claimer, Gone, Held};
 use super::ident::{self, Probe};
 use super::lines::{Line, LineReader, Next};
 use super::scan::scan;
@@ -189,11 +189,14 @@ impl Claimer {
                 file_id: file_id.clone(),
                 no,
                 line: match &lines {
-                    Ok(map) => map
-                        .get(&no)
-                        .cloned()
-                        .ok_or_else(|| format!("line {no} of {} could no longer be read: the file changed before it ran", doc.file)),
-                    Err(e) => Err(e.clone()),
+                    Ok(map) => map.get(&no).cloned().ok_or_else(|| Gone {
+                        why: format!("line {no} of {} could no longer be read: the file changed before it ran", doc.file),
+                        raw: doc.raw_of(no),
+                    }),
+                    Err(e) => Err(Gone {
+                        why: e.clone(),
+                        raw: doc.raw_of(no),
+                    }),
                 },
             })
             .collect();

