@@ -6,9 +6,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Instant;
 
 use common::*;
 use serde_json::{json, Value};
@@ -179,5 +178,39 @@ fn status_and_requeue_on_a_missing_spool_folder_say_so() {
     assert!(!env.spool().exists(), "nothing was created");
 }
 
-#[allow(dead_code)]
-fn unused(_: &Path, _: Command, _: Duration) {}
+#[test]
+fn run_once_ends_when_the_breaker_has_paused_every_slot_and_hands_the_rest_back() {
+    // An engine that always fails (a GPU that is gone, say): the breaker
+    // pauses both slots after 3 different tasks; `--once` does not wait
+    // through pauses that double forever.
+    let env = Env::new("[gpu]\nmax_parallel = 2\n[retry]\nmax_attempts = 5\nbackoff = \"50ms\"\n");
+    let content: String = (0..8)
+        .map(|i| task_line(&format!("b{i}"), "EXIT1"))
+        .collect();
+    env.drop_file("b.jsonl", &content);
+    let t = Instant::now();
+    let out = env.run(&["run", "--once"], 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("breaker paused every slot") && stderr.contains("without a record"),
+        "{stderr}"
+    );
+    // Nothing was given up on: each line is failed at most once, the rest
+    // is still there for the next run.
+    let failed = env.failed();
+    let mut ids: Vec<&str> = failed.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), failed.len(), "a line recorded twice");
+    let status = env.run(&["status", "--json"], 30);
+    let s: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s["in_flight"], 0, "every claim was handed back: {s}");
+    assert_eq!(
+        s["pending_lines"].as_u64().unwrap() as usize + failed.len(),
+        8,
+        "the rest waits for the next run: {s}"
+    );
+    assert!(s["paused_slots"].as_object().unwrap().is_empty(), "{s}");
+    println!("run --once ended in {:?}", t.elapsed());
+}

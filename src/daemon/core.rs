@@ -249,6 +249,9 @@ pub trait World: Send {
     /// Bytes free on the spool's file system.
     fn free_bytes(&self) -> Option<u64>;
     fn beat(&self) -> Beat;
+    /// The core has dealt with `episodes` late beats (see
+    /// [`crate::spool::heartbeat::Heartbeat::trusted`]).
+    fn cleared(&self, _episodes: u64) {}
 }
 
 /// The daemon's state.
@@ -661,6 +664,11 @@ impl Core {
         }
         if self.opts.once && self.disk_full.is_some() {
             // `--once` does not wait for space; its verdict names what is left.
+            return idle;
+        }
+        if self.opts.once && self.sched.usable() == 0 {
+            // Nor for a breaker: every slot is paused, what is left is
+            // handed back for the next run (the verdict says why).
             return idle;
         }
         self.opts.once
@@ -1275,6 +1283,11 @@ impl Core {
                 );
                 self.sched.set_paused(slot.index, true);
                 self.metrics.slot_paused(slot.index, true);
+                if self.sched.usable() == 0 {
+                    self.last_error = Some(format!(
+                        "the engine kept failing, so its breaker paused every slot: {message}"
+                    ));
+                }
                 let paused = self.paused_slots();
                 self.fx.push(Effect::SlotHealth(paused));
                 let at = self.world.now() + pause;
@@ -1357,7 +1370,10 @@ impl Core {
         let (age, episodes) = (beat.age, beat.stale_episodes);
         let late = age > limit || episodes != self.stale_seen;
         match self.fenced {
-            Fencing::Clear if !late => return true,
+            Fencing::Clear if !late => {
+                self.world.cleared(episodes);
+                return true;
+            }
             Fencing::Clear => {
                 warn!(
                     beat_age = %humantime::format_duration(Duration::from_millis(age.as_millis() as u64)),

@@ -232,6 +232,10 @@ pub async fn run(
     let heartbeat = claimer
         .start_heartbeat(beat_interval(lease), lease - fence_margin(lease))
         .map_err(|e| anyhow::anyhow!("cannot start the heartbeat thread: {e}"))?;
+    // Checked by the spawner thread right before each engine child starts.
+    let trusted = heartbeat.clone();
+    let limit = lease - fence_margin(lease);
+    crate::process::set_spawn_gate(Box::new(move || trusted.trusted(limit)));
     let held = claimer.held();
     let world = Box::new(RealWorld {
         heartbeat,
@@ -303,6 +307,11 @@ pub async fn run(
     }
     let unfinished = d.unfinished();
     shell.hand_back(d.take_leases());
+    // A stopped daemon's breaker holds nothing paused.
+    let slots = spool
+        .instances()
+        .join(format!("{}.slots", d.cfg().spool.instance));
+    let _ = std::fs::remove_file(slots);
     // The staged shutdown's last stage: workers go after their last task.
     d.engine().stop().await;
     drop(hints);

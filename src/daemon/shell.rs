@@ -49,6 +49,9 @@ impl World for RealWorld {
             lock_lost: self.heartbeat.lock_lost(),
         }
     }
+    fn cleared(&self, episodes: u64) {
+        self.heartbeat.cleared(episodes);
+    }
 }
 
 pub struct Shell {

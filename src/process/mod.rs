@@ -26,7 +26,7 @@ use crate::util::Tail;
 
 mod spawn;
 
-pub use spawn::{spawn, Child};
+pub use spawn::{set_spawn_gate, spawn, Child};
 
 /// Bytes of stderr kept for a failed record.
 pub const TAIL_BYTES: usize = 4096;
@@ -219,6 +219,14 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
     let started = Instant::now();
     let mut child = match spawn::spawn(spec).await {
         Ok(c) => c,
+        Err(e) if spawn::is_untrusted(&e) => {
+            tracing::warn!("{e}; the task waits until our leases are checked");
+            return ChildResult {
+                exit: Exit::Cancelled,
+                stderr_tail: String::new(),
+                elapsed: started.elapsed(),
+            };
+        }
         Err(e) => {
             return ChildResult {
                 exit: Exit::SpawnFailed(e),

@@ -98,6 +98,47 @@ struct Started {
 
 type Job = (ChildSpec, tokio::sync::oneshot::Sender<io::Result<Started>>);
 
+type Gate = Box<dyn Fn() -> bool + Send + Sync>;
+
+fn gate() -> &'static std::sync::RwLock<Option<Gate>> {
+    static GATE: OnceLock<std::sync::RwLock<Option<Gate>>> = OnceLock::new();
+    GATE.get_or_init(|| std::sync::RwLock::new(None))
+}
+
+/// Sets what the spawner asks right before it starts a per-task child:
+/// the daemon's "nobody can have taken our leases" (its heartbeat is fresh).
+pub fn set_spawn_gate(g: Gate) {
+    *gate().write().expect("spawn gate") = Some(g);
+}
+
+fn gate_open() -> bool {
+    gate()
+        .read()
+        .expect("spawn gate")
+        .as_ref()
+        .is_none_or(|g| g())
+}
+
+/// A child not started because the daemon may have been judged dead (see
+/// [`set_spawn_gate`]); the task is handed back to the core, not failed.
+#[derive(Debug)]
+pub struct Untrusted;
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "not started: our heartbeat was late, so another daemon may hold the task's lease now",
+        )
+    }
+}
+
+impl std::error::Error for Untrusted {}
+
+/// True for the error of a child the gate kept from starting.
+pub fn is_untrusted(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<Untrusted>())
+}
+
 /// The spawner thread's queue.
 fn spawner() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Job>> {
     static SPAWNER: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
@@ -109,6 +150,9 @@ fn spawner() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Job>> {
                 let stack = Stack::map();
                 while let Ok((spec, reply)) = rx.recv() {
                     let res = match &stack {
+                        // A worker is not a task: only per-task children
+                        // wait for the gate.
+                        Ok(_) if !spec.pipes && !gate_open() => Err(io::Error::other(Untrusted)),
                         Ok(s) => start(&spec, s),
                         Err(e) => Err(io::Error::new(
                             e.kind(),

@@ -99,6 +99,8 @@ struct State {
     /// Milliseconds since `epoch` of the last successful beat.
     last_ok_ms: AtomicU64,
     stale_episodes: AtomicU64,
+    /// The stale episodes the daemon has dealt with (its leases checked).
+    cleared_episodes: AtomicU64,
     lock_lost: AtomicBool,
     error: Mutex<Option<String>>,
 }
@@ -172,6 +174,24 @@ impl Heartbeat {
     /// How often a beat came too late (we may have been judged dead).
     pub fn stale_episodes(&self) -> u64 {
         self.state.stale_episodes.load(Ordering::SeqCst)
+    }
+
+    /// The daemon has dealt with `episodes` stale episodes: its leases
+    /// were checked after the last of them.
+    pub fn cleared(&self, episodes: u64) {
+        self.state
+            .cleared_episodes
+            .store(episodes, Ordering::SeqCst);
+    }
+
+    /// True while nobody can have judged us dead: our last beat is younger
+    /// than `limit` and no late beat happened since the daemon last checked
+    /// its leases. Asked right before a child starts, from any thread: a
+    /// process stopped (SIGSTOP, a VM pause) after it decided to start a
+    /// task must not start it for a lease another daemon may hold now.
+    pub fn trusted(&self, limit: Duration) -> bool {
+        self.age() <= limit
+            && self.stale_episodes() == self.state.cleared_episodes.load(Ordering::SeqCst)
     }
 
     /// Set when the instance lock no longer guards the spool: stop.

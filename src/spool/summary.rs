@@ -130,7 +130,10 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
             .iter()
             .filter(|&&l| !recorded.contains(&(id.clone(), l)))
             .count() as u64;
-        if n > 0 {
+        if doc.released {
+            // Handed back by a daemon that stopped: waiting for anyone.
+            s.pending_lines += n;
+        } else if n > 0 {
             s.in_flight += n;
             *s.in_flight_by_instance.entry(doc.instance).or_default() += n;
         }
