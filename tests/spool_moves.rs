@@ -214,3 +214,136 @@ fn run_once_ends_when_the_breaker_has_paused_every_slot_and_hands_the_rest_back(
     assert!(s["paused_slots"].as_object().unwrap().is_empty(), "{s}");
     println!("run --once ended in {:?}", t.elapsed());
 }
+
+/// Records per task id, over every log.
+fn records_per_id(env: &Env) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for r in env.all("done").iter().chain(env.all("failed").iter()) {
+        *n.entry(r["id"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    n
+}
+
+fn daemon_logs(env: &Env, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(env.root().join(format!("daemon-{n}.log"))).unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn a_consumed_file_that_grows_while_the_claim_lock_is_held_gets_one_record_per_line() {
+    // Two daemons; a producer keeps its file open and appends to it after
+    // it was consumed, while something (a stalled daemon, here the test)
+    // holds the claim lock for 2 s. Both daemons queue up behind the lock;
+    // the one that gets it first brings the file back.
+    let mut env = Env::new("[gpu]\nmax_parallel = 2\n");
+    env.spool_extra =
+        "poll_interval = \"100ms\"\nsettle = \"100ms\"\nconsume_after = \"300ms\"\n".into();
+    env.write_config();
+    let mut a = env.spawn("a");
+    let mut b = env.spawn("b");
+    let path = env.spool().join("pending/grow.jsonl");
+    let mut producer = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let consumed = env.spool().join("pending/.consumed");
+    let lock_path = env.spool().join(".ttspool/claim.lock");
+    let mut written = 0;
+    let cycles = 20;
+    for cycle in 0..cycles {
+        // Wait until the file has been consumed (moved away).
+        wait_until(60, "the file to be consumed", || {
+            !path.exists() && consumed.read_dir().is_ok_and(|mut d| d.next().is_some())
+                || cycle == 0
+        });
+        let lock = if cycle > 0 {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&lock_path)
+                .unwrap();
+            f.lock().unwrap();
+            Some(f)
+        } else {
+            None
+        };
+        for _ in 0..5 {
+            use std::io::Write;
+            producer
+                .write_all(task_line(&format!("g{written}"), "x").as_bytes())
+                .unwrap();
+            written += 1;
+        }
+        if let Some(f) = lock {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            f.unlock().unwrap();
+        }
+        wait_until(60, "a record for every line so far", || {
+            records_per_id(&env).len() >= written
+        });
+    }
+    sigterm(&a);
+    sigterm(&b);
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    let per_id = records_per_id(&env);
+    let twice: Vec<_> = per_id.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "lines recorded more than once: {twice:?}");
+    assert_eq!(per_id.len(), written, "{per_id:?}");
+    let logs = daemon_logs(&env, &["a", "b"]);
+    assert!(
+        logs.contains("moved it back into pending/"),
+        "the file was brought back"
+    );
+}
+
+#[test]
+fn three_thousand_files_through_20_kill_9s_are_all_consumed_without_an_error() {
+    let mut env = Env::new("[gpu]\nmax_parallel = 2\n");
+    env.spool_extra = "poll_interval = \"200ms\"\nconsume_after = \"1s\"\nlease = \"2s\"\n".into();
+    env.write_config();
+    let pending = env.spool().join("pending");
+    for i in 0..3000 {
+        let tmp = pending.join(format!(".f{i}.tmp"));
+        std::fs::write(&tmp, task_line(&format!("k{i}"), "x")).unwrap();
+        std::fs::rename(&tmp, pending.join(format!("f{i:04}.jsonl"))).unwrap();
+    }
+    // A small deterministic spread of kill moments.
+    let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+    for _ in 0..20 {
+        let d = env.spawn("k");
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(std::time::Duration::from_millis(150 + seed % 600));
+        sigkill(&d);
+        let mut d = d;
+        d.wait().unwrap();
+    }
+    let mut d = env.spawn("k");
+    let left = || {
+        std::fs::read_dir(&pending)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            .count()
+    };
+    wait_until(240, "every file to be consumed", || left() == 0);
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+    let per_id = records_per_id(&env);
+    assert_eq!(per_id.len(), 3000);
+    let twice: Vec<_> = per_id.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "lines recorded more than once: {twice:?}");
+    let logs = daemon_logs(&env, &["k"]);
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .take(5)
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
