@@ -39,10 +39,38 @@ pub fn lock_sidecar(path: &Path, holder: impl Fn() -> Option<String>) -> io::Res
 /// `e`, its message saying what was done to which file ("cannot lock
 /// /srv/spool/.ttspool/claim.lock: permission denied"); the kind stays.
 pub fn with_path(action: &str, path: &Path, e: io::Error) -> io::Error {
-    io::Error::new(
-        e.kind(),
-        format!("cannot {action} {}: {}", path.display(), io_msg(&e)),
-    )
+    let msg = format!("cannot {action} {}: {}", path.display(), io_msg(&e));
+    io::Error::new(e.kind(), WithPath { msg, source: e })
+}
+
+/// An I/O error with what was done to which file; the OS error stays
+/// reachable ([`os_error`]), so a full disk or a lack of descriptors is
+/// still recognised after the context is added.
+#[derive(Debug)]
+struct WithPath {
+    msg: String,
+    source: io::Error,
+}
+
+impl std::fmt::Display for WithPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for WithPath {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The OS error number of `e`, or of the error it wraps (see [`with_path`]).
+pub fn os_error(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()
+            .and_then(|r| r.downcast_ref::<WithPath>())
+            .and_then(|w| os_error(&w.source))
+    })
 }
 
 /// Takes an exclusive lock on `file` (our sidecar `path`), and while it
@@ -84,7 +112,7 @@ pub fn lock_noting(
 
 /// True for "no space left" and "quota exceeded": the disk is full for us.
 pub fn is_disk_full(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+    matches!(os_error(e), Some(libc::ENOSPC) | Some(libc::EDQUOT))
         || matches!(
             e.kind(),
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
@@ -316,6 +344,61 @@ pub fn run_in_background() -> io::Result<i32> {
     }
 }
 
+/// Raises our soft `RLIMIT_NOFILE` to the hard limit (a shell's or a
+/// container's 1024 is a soft limit); returns the limit we run with.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// True when a process or system runs out of file descriptors: a pause
+/// until some are closed, never a verdict about the file.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(os_error(e), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Says that descriptors ran out, at most once a minute for the whole
+/// process: every file and every round fails alike meanwhile, and one
+/// line says it (the daemon pauses and goes on when some close).
+pub fn warn_out_of_descriptors(what: &str) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().expect("descriptor warning");
+    if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(
+            "out of file descriptors ({what}); waiting for some to close and trying again (said once a minute while it lasts)"
+        );
+    }
+}
+
+/// Dies here, as a `kill -9` would, when `TTSPOOL_FAILPOINT` names `point`:
+/// the crash tests stop a command at each step of a protocol this way.
+pub fn failpoint(point: &str) {
+    if std::env::var_os("TTSPOOL_FAILPOINT").is_some_and(|v| v == point) {
+        // SAFETY: raising a signal on ourselves.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,14 +435,5 @@ mod tests {
         assert_eq!(seen, want, "the kernel's view of the thread");
         // Only that thread: the one that spawned it is untouched.
         assert_eq!(nice(main), before);
-    }
-}
-
-/// Dies here, as a `kill -9` would, when `TTSPOOL_FAILPOINT` names `point`:
-/// the crash tests stop a command at each step of a protocol this way.
-pub fn failpoint(point: &str) {
-    if std::env::var_os("TTSPOOL_FAILPOINT").is_some_and(|v| v == point) {
-        // SAFETY: raising a signal on ourselves.
-        unsafe { libc::raise(libc::SIGKILL) };
     }
 }

@@ -110,7 +110,7 @@ fn four_daemons_killed_and_stopped_at_random_lose_and_double_nothing() {
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(300 + rng.next() % 1200));
         let i = (rng.next() % DAEMONS as u64) as usize;
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             signal(&daemons[i], "KILL");
             daemons[i].wait().unwrap();
             daemons[i] = env.spawn(&names[i]);

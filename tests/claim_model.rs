@@ -239,7 +239,7 @@ impl World {
     /// id is the line's `output_name`.
     fn commit(&self, i: usize, c: &Claimed) -> CommitOutcome {
         let _g = self.log.lock().unwrap();
-        if !still_ours(&c.lease, &c.token) {
+        if !still_ours(&c.lease, &c.token).unwrap() {
             return CommitOutcome::Fenced;
         }
         let id = match &c.line {

@@ -171,13 +171,19 @@ fn status_counts_and_finds_one_task() {
 fn status_into_a_closed_pipe_ends_quietly() {
     // `ttspool status | head -0`: the reader is gone before status writes.
     let env = Env::new("");
-    let mut child = env
+    // The read end is closed before status starts (closing it after the
+    // spawn races a fast status on a busy machine).
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    let write_end =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let child = env
         .cmd(&["status"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::from(write_end))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");

@@ -104,7 +104,12 @@ pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<SocketAd
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .layer(TraceLayer::new_for_http());
+        // A 5xx is answered and explained by the handler (a full disk, no
+        // descriptors): a warning, not an error of the daemon's.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+        );
     let permits = Arc::new(Semaphore::new(connection_limit()));
     tokio::spawn(async move {
         loop {

@@ -81,6 +81,7 @@ pub fn committer(
         // A full disk is a pause: the group stays in memory and is written
         // again (all or nothing) until it fits. `--once` gives up instead.
         let mut wait = Duration::from_secs(1);
+        let mut fd_wait: Option<Duration> = None;
         let res = loop {
             match write_batch(&log, &batch, &webhooks) {
                 Err(e) if crate::util::is_disk_full(&e) && !once => {
@@ -99,9 +100,26 @@ pub fn committer(
                     }
                     wait = (wait * 2).min(Duration::from_secs(30));
                 }
+                // Out of descriptors (a burst of API connections, say):
+                // the group waits in memory and is written again; never an
+                // exit with lines in flight.
+                Err(e) if crate::util::is_out_of_descriptors(&e) => {
+                    if fd_wait.is_none() {
+                        tracing::warn!(
+                            "cannot write records: {}; retrying until descriptors free up",
+                            crate::util::io_msg(&e)
+                        );
+                    }
+                    let w = fd_wait.get_or_insert(Duration::from_millis(100));
+                    std::thread::sleep(*w);
+                    *w = (*w * 2).min(Duration::from_secs(5));
+                }
                 other => break other,
             }
         };
+        if fd_wait.take().is_some() && res.is_ok() {
+            tracing::info!("records are written again");
+        }
         match res {
             Ok(written) => {
                 let list = batch
@@ -156,13 +174,17 @@ fn write_batch(
     let mut messages = Vec::new();
     let settings = webhooks.settings.read().expect("settings").clone();
     for c in batch {
-        let outcome = *ours.entry(&c.lease).or_insert_with(|| {
-            if claim::still_ours(&c.lease, &c.token) {
-                CommitOutcome::Durable
-            } else {
-                CommitOutcome::Fenced
+        let outcome = match ours.get(&c.lease) {
+            Some(o) => *o,
+            None => {
+                let o = if claim::still_ours(&c.lease, &c.token)? {
+                    CommitOutcome::Durable
+                } else {
+                    CommitOutcome::Fenced
+                };
+                *ours.entry(&c.lease).or_insert(o)
             }
-        });
+        };
         written.push(outcome);
         if outcome == CommitOutcome::Durable {
             let line = c.record.to_line();

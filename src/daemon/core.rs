@@ -312,6 +312,8 @@ pub struct Core {
     breakers: HashMap<usize, Breaker>,
     /// Every slot is paused: logged once per episode.
     all_paused_logged: bool,
+    /// The last claim error logged, and when.
+    claim_error_logged: Option<(String, Instant)>,
 }
 
 /// Claims paused for lack of space.
@@ -379,6 +381,7 @@ impl Core {
             disk_full: None,
             breakers: HashMap::new(),
             all_paused_logged: false,
+            claim_error_logged: None,
             opts,
             cfg,
         }
@@ -424,15 +427,39 @@ impl Core {
             Event::Claimed(res) => {
                 self.claiming = false;
                 match res {
-                    Ok(batch) => self.claimed(batch),
+                    Ok(batch) => {
+                        self.claim_error_logged = None;
+                        self.claimed(batch)
+                    }
                     Err(e @ ClaimError::LockBroken(_)) => self.fatal = Some(e.to_string()),
                     Err(e) if e.is_disk_full() => {
                         self.disk_is_full(&e.to_string(), 4096);
                         self.last_claim_empty = true;
                     }
-                    Err(e) => {
-                        error!("claiming failed: {e}");
+                    Err(e) if e.is_out_of_descriptors() => {
+                        crate::util::warn_out_of_descriptors(&e.to_string());
                         self.last_error = Some(e.to_string());
+                        self.last_claim_empty = true;
+                    }
+                    Err(e) => {
+                        // Said once a minute while it repeats.
+                        let msg = e.to_string();
+                        let now = self.world.now();
+                        // Out of descriptors, every file's error differs:
+                        // they are one condition.
+                        let class = if e.is_out_of_descriptors() {
+                            "out of file descriptors".to_string()
+                        } else {
+                            msg.clone()
+                        };
+                        let repeat = self.claim_error_logged.as_ref().is_some_and(|(m, t)| {
+                            *m == class && now.duration_since(*t) < Duration::from_secs(60)
+                        });
+                        if !repeat {
+                            error!("claiming failed (tried again every round): {msg}");
+                            self.claim_error_logged = Some((class, now));
+                        }
+                        self.last_error = Some(msg);
                         self.last_claim_empty = true;
                     }
                 }
@@ -455,6 +482,9 @@ impl Core {
                         self.fatal = Some(e.to_string())
                     }
                     Err(e) if e.is_disk_full() => self.disk_is_full(&e.to_string(), 4096),
+                    Err(e) if e.is_out_of_descriptors() => {
+                        crate::util::warn_out_of_descriptors(&e.to_string())
+                    }
                     Err(e) => error!("checking for abandoned claims failed: {e}"),
                 }
             }

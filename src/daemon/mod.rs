@@ -110,6 +110,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Temp files of this instance named before this instant are leftovers.
     let started_at = std::time::SystemTime::now();
+    match crate::util::raise_open_files_limit() {
+        Ok(n) if n < 4096 => warn!(
+            open_files = n,
+            "the open-files limit is low (its hard limit); the daemon keeps going when descriptors run out, but raise LimitNOFILE / ulimit -Hn for a busy API"
+        ),
+        Ok(n) => info!(open_files = n, "open-files limit"),
+        Err(e) => warn!("cannot raise the open-files limit: {e}"),
+    }
     let spool = Spool::new(&cfg.spool.dir);
     let settings = Arc::new(
         Settings::from_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?,

@@ -107,7 +107,11 @@ impl Shell {
                 move || {
                     leases
                         .into_iter()
-                        .filter(|(lease, token)| !claim::still_ours(lease, token))
+                        // Unreadable now is not "taken over": asked again
+                        // at the next check.
+                        .filter(|(lease, token)| {
+                            matches!(claim::still_ours(lease, token), Ok(false))
+                        })
                         .map(|(lease, _)| lease)
                         .collect::<Vec<_>>()
                 },

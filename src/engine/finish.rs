@@ -85,7 +85,7 @@ fn finisher() -> &'static mpsc::Sender<Request> {
 /// that a crash could still take back.
 fn finish_now(tmp: &Path, output: &Path) -> Finished {
     // One open serves the size, the header check and the fsync.
-    let mut f = match std::fs::File::open(tmp) {
+    let mut f = match open_waiting_for_descriptors(tmp) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err((
@@ -123,7 +123,34 @@ fn finish_now(tmp: &Path, output: &Path) -> Finished {
     })
 }
 
+/// Opens `tmp`, waiting (up to a minute) while the process is out of file
+/// descriptors: the engine's audio is fine, only we cannot look at it yet,
+/// and running the engine again would not help.
+fn open_waiting_for_descriptors(tmp: &Path) -> std::io::Result<std::fs::File> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut wait = std::time::Duration::from_millis(50);
+    loop {
+        match std::fs::File::open(tmp) {
+            Err(e)
+                if crate::util::is_out_of_descriptors(&e)
+                    && std::time::Instant::now() + wait < deadline =>
+            {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn unreadable(e: &std::io::Error) -> (ErrorKind, String) {
+    if crate::util::is_out_of_descriptors(e) {
+        // Not the output's fault: the task runs again later.
+        return (
+            ErrorKind::SpawnFailed,
+            format!("cannot open engine output: {}", io_msg(e)),
+        );
+    }
     (
         ErrorKind::InvalidOutput,
         format!("cannot read engine output: {}", io_msg(e)),

@@ -217,7 +217,29 @@ pub async fn cancelled(cancel: &mut watch::Receiver<bool>) {
 /// Runs one child to its end. `cancel` turning true kills it at once.
 pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildResult {
     let started = Instant::now();
-    let mut child = match spawn::spawn(spec).await {
+    // Out of descriptors (pipes cannot be made): not the task's fault and
+    // not the engine's; wait for some to close, within the task's timeout.
+    let mut wait = Duration::from_millis(50);
+    let spawned = loop {
+        match spawn::spawn(spec).await {
+            Err(e)
+                if crate::util::is_out_of_descriptors(&e)
+                    && started.elapsed() + wait < spec.timeout =>
+            {
+                if wait == Duration::from_millis(50) {
+                    tracing::warn!(
+                        "cannot start {}: {}; waiting for descriptors to free up",
+                        spec.argv[0],
+                        crate::util::io_msg(&e)
+                    );
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            other => break other,
+        }
+    };
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) if spawn::is_untrusted(&e) => {
             tracing::warn!("{e}; the task waits until our leases are checked");

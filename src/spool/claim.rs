@@ -103,6 +103,16 @@ impl ClaimError {
             _ => false,
         }
     }
+
+    /// The process ran out of file descriptors: a pause until some close.
+    pub fn is_out_of_descriptors(&self) -> bool {
+        match self {
+            ClaimError::Io { source, .. } | ClaimError::Sidecar(source) => {
+                crate::util::is_out_of_descriptors(source)
+            }
+            _ => false,
+        }
+    }
 }
 
 pub(super) fn io_err<'a>(
@@ -169,6 +179,14 @@ pub struct Batch {
     pub disk_full: Option<String>,
 }
 
+impl Batch {
+    /// Lines or leases were claimed, or files consumed: the daemon must see
+    /// this batch whatever else went wrong in the round.
+    pub fn claimed_anything(&self) -> bool {
+        !self.lines.is_empty() || !self.leases.is_empty() || !self.finished.is_empty()
+    }
+}
+
 /// When a file last changed, as this daemon saw it.
 pub(super) struct Seen {
     size: u64,
@@ -186,14 +204,35 @@ pub struct FileDone {
     pub failed: u64,
 }
 
-/// A file in `pending/`, matched with its sidecar (ident.rs), open.
+/// A file in `pending/`, matched with its sidecar (ident.rs). Not held
+/// open: a round holds one descriptor at a time however many files wait.
 pub(super) struct Found {
     pub entry: Entry,
     pub key: String,
     pub dir: PathBuf,
-    pub file: File,
+    pub ino: u64,
     pub size: u64,
     pub cursor: Cursor,
+}
+
+impl Found {
+    /// Opens the file again, if it is still the one identified.
+    pub(super) fn open(&self, pending: &Path) -> Result<Option<File>, ClaimError> {
+        reopen(&pending.join(&self.entry.name), self.ino)
+    }
+}
+
+/// `path` opened, if it is still inode `ino`; `None` if it is gone or was
+/// replaced (the next round sees the new one). Other errors are errors.
+fn reopen(path: &Path, ino: u64) -> Result<Option<File>, ClaimError> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match super::scan::open_regular(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    let md = file.metadata().map_err(io_err("stat", path))?;
+    Ok((md.ino() == ino).then_some(file))
 }
 
 /// Bytes of one file read per claim round, at most (past one line): a huge
@@ -229,9 +268,18 @@ pub struct Claimer {
     pub(super) unrecorded_warned: HashSet<String>,
     /// Entries of `pending/` already reported as not read (symlinks, FIFOs...).
     pub(super) rejected_warned: HashSet<String>,
+    /// Files of `pending/` that could not be opened last round (logged
+    /// once, not per round).
+    pub(super) open_errors: OpenErrors,
     /// Where a claim stops as if the process died there (tests only).
     pub(super) failpoint: Option<Failpoint>,
     pub(super) _instance_lock: File,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct OpenErrors {
+    count: usize,
+    logged: Option<Instant>,
 }
 
 /// A point inside a claim where the model test makes a daemon die.
@@ -316,6 +364,7 @@ impl Claimer {
             held: HeldSet::default(),
             unrecorded_warned: HashSet::new(),
             rejected_warned: HashSet::new(),
+            open_errors: OpenErrors::default(),
             failpoint: None,
             _instance_lock: lock,
         };
@@ -386,10 +435,55 @@ impl Claimer {
             });
         lock.release()?;
         match res {
+            Ok(()) => {}
             Err(err) if err.is_disk_full() => batch.disk_full = Some(err.to_string()),
-            other => other?,
+            // What was claimed before the error is ours (its leases are
+            // written and held): it goes out with the batch, never dropped.
+            Err(err) if batch.claimed_anything() => {
+                if err.is_out_of_descriptors() {
+                    crate::util::warn_out_of_descriptors(&err.to_string());
+                } else {
+                    tracing::error!("{err}");
+                }
+                batch.errors.push(err.to_string());
+            }
+            Err(err) => return Err(err),
         }
         Ok(batch)
+    }
+
+    /// Logs files that could not be opened, once per change of the set or
+    /// once a minute, not once per file per round (descriptors running out
+    /// would otherwise flood the log).
+    fn note_open_errors(&mut self, failed: &[(String, bool)]) {
+        if !failed.is_empty() && failed.iter().all(|(_, fds)| *fds) {
+            crate::util::warn_out_of_descriptors(&failed[0].0);
+            return;
+        }
+        let failed: Vec<&String> = failed.iter().map(|(m, _)| m).collect();
+        let now = Instant::now();
+        let changed = failed.len() != self.open_errors.count;
+        let due = self
+            .open_errors
+            .logged
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
+        if failed.is_empty() {
+            if self.open_errors.count > 0 {
+                tracing::info!("every file in pending/ can be opened again");
+            }
+            self.open_errors = OpenErrors::default();
+            return;
+        }
+        if changed || due {
+            tracing::error!(
+                files = failed.len(),
+                "cannot open {} file(s) in pending/ (they are tried again every round): {}",
+                failed.len(),
+                failed[0]
+            );
+            self.open_errors.logged = Some(now);
+        }
+        self.open_errors.count = failed.len();
     }
 
     fn note_rejected(&mut self, rejected: &[super::scan::Rejected]) {
@@ -440,6 +534,8 @@ impl Claimer {
                 // Every other file would fail the same way: stop, and let
                 // the daemon pause claims until space returns.
                 Err(err) if err.is_disk_full() => return Err(err),
+                // Every other file would fail alike: stop, try next round.
+                Err(err) if err.is_out_of_descriptors() => return Err(err),
                 Err(err) => {
                     tracing::error!(file = %f.entry.shown(), "{err}");
                     batch.errors.push(format!("{}: {err}", f.entry.shown()));
@@ -459,29 +555,32 @@ impl Claimer {
         errors: &mut Vec<String>,
     ) -> Result<Vec<Found>, ClaimError> {
         let pending = self.spool.pending();
+        // One file open at a time, whatever pending/ holds: each is opened
+        // for its probe and closed, and opened again when it is read.
         let mut opened = Vec::new();
+        let mut failed = Vec::new();
         for e in entries {
             let path = pending.join(&e.name);
-            let probe = super::scan::open_regular(&path)
-                .and_then(|f| Probe::read(&e.name, &f).map(|p| (f, p)));
+            let probe = super::scan::open_regular(&path).and_then(|f| Probe::read(&e.name, &f));
             match probe {
                 // Replaced since the scan: the next scan sees the new one.
-                Ok((_, p)) if p.ino != e.ino => {}
-                Ok((f, p)) => opened.push((e, f, p)),
+                Ok(p) if p.ino != e.ino => {}
+                Ok(p) => opened.push((e, p)),
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    let err = io_err("open", &path)(err);
-                    tracing::error!("{err}");
-                    errors.push(err.to_string());
+                    let fds = crate::util::is_out_of_descriptors(&err);
+                    failed.push((io_err("open", &path)(err).to_string(), fds));
                 }
             }
         }
+        self.note_open_errors(&failed);
+        errors.extend(failed.into_iter().map(|(m, _)| m));
         let known = self.idents()?;
-        let probes: Vec<Probe> = opened.iter().map(|(_, _, p)| p.clone()).collect();
+        let probes: Vec<Probe> = opened.iter().map(|(_, p)| p.clone()).collect();
         let keys = ident::assign(&probes, &known, &self.mount);
         let files_dir = self.spool.files();
         let mut out = Vec::new();
-        for ((entry, file, probe), key) in opened.into_iter().zip(keys) {
+        for ((entry, probe), key) in opened.into_iter().zip(keys) {
             let (key, old) = match key {
                 Some(k) => {
                     let old = known[&k].clone();
@@ -511,8 +610,12 @@ impl Claimer {
                         || probe.size < cursor.offset
                         || match &cursor.tail {
                             Some(t) => {
+                                let path = pending.join(&entry.name);
+                                let Some(file) = reopen(&path, probe.ino)? else {
+                                    continue; // gone or replaced: next round
+                                };
                                 ident::tail_at(&file, cursor.offset)
-                                    .map_err(io_err("read", &pending.join(&entry.name)))?
+                                    .map_err(io_err("read", &path))?
                                     != *t
                             }
                             None => false,
@@ -540,10 +643,10 @@ impl Claimer {
             }
             out.push(Found {
                 size: probe.size,
+                ino: probe.ino,
                 entry,
                 key,
                 dir,
-                file,
                 cursor,
             });
         }
@@ -618,7 +721,10 @@ impl Claimer {
         if quota == 0 {
             return Ok(0);
         }
-        let file = f.file.try_clone().map_err(io_err("read", &path))?;
+        let Some(file) = f.open(&self.spool.pending())? else {
+            return Ok(0);
+        };
+        let tail_file = file.try_clone().map_err(io_err("read", &path))?;
         // An over-long line is read ROUND_BYTES a round, from where the
         // last round stopped.
         let known = self
@@ -662,7 +768,7 @@ impl Claimer {
             return Ok(0);
         };
         let (end_off, end_line) = (last.end(), last.no());
-        let tail = Some(ident::tail_at(&f.file, end_off).map_err(io_err("read", &path))?);
+        let tail = Some(ident::tail_at(&tail_file, end_off).map_err(io_err("read", &path))?);
         lines.retain(|l| !l.is_blank());
         if lines.is_empty() {
             write_cursor(&cursor_path, &cur.at(end_off, end_line, tail))?;
@@ -691,7 +797,7 @@ impl Claimer {
         if !create_exclusive(&lease_path, &body).map_err(io_err("create", &lease_path))? {
             // A claim crashed between creating this lease and moving the
             // cursor: skip its range (or finish a torn lease) and retry later.
-            match read_lease(&lease_path) {
+            match super::sidecar::load_lease(&lease_path).map_err(ClaimError::Sidecar)? {
                 Some(other) => {
                     tracing::warn!(lease = %lease_path.display(), "found a lease the cursor missed (crash while claiming); moving the cursor past it");
                     let moved = Cursor {

@@ -74,7 +74,9 @@ impl Claimer {
         // The last line of defence: a file leaves pending/ only when every
         // line it holds has its record. If one has none, something lost it
         // (a bug, or a log edited by hand): keep the file, and say so.
-        let missing = self.unrecorded(f, &path)?;
+        let Some(missing) = self.unrecorded(f, &path)? else {
+            return Ok(());
+        };
         if !missing.is_empty() {
             if self.unrecorded_warned.insert(f.key.clone()) {
                 let listed: Vec<String> = missing.iter().take(10).map(u64::to_string).collect();
@@ -274,7 +276,7 @@ impl Claimer {
 
     /// Line numbers of the file's current content (non-blank, complete)
     /// that have no record under its current generation.
-    fn unrecorded(&self, f: &Found, path: &Path) -> Result<Vec<u64>, ClaimError> {
+    fn unrecorded(&self, f: &Found, path: &Path) -> Result<Option<Vec<u64>>, ClaimError> {
         let file_id = FileId::new(&f.key, f.cursor.gen);
         let mut recorded = std::collections::HashSet::new();
         self.log
@@ -284,7 +286,9 @@ impl Claimer {
                 }
             })
             .map_err(io_err("read", &self.log.done))?;
-        let file = f.file.try_clone().map_err(io_err("read", path))?;
+        let Some(file) = f.open(&self.spool.pending())? else {
+            return Ok(None); // gone or replaced meanwhile: not now
+        };
         let mut reader =
             LineReader::open(file, 0, 0, self.max_line_bytes).map_err(io_err("read", path))?;
         // Only what the cursor covers: lines a producer appended since the
@@ -299,7 +303,7 @@ impl Claimer {
                 Next::Partial | Next::Eof | Next::Unfinished(_) => break,
             }
         }
-        Ok(missing)
+        Ok(Some(missing))
     }
 
     /// Counts the records of a file (all its generations).

@@ -33,9 +33,11 @@ pub enum CommitOutcome {
     Fenced,
 }
 
-/// True if `lease` still names us with `token` (nobody took it over).
-pub fn still_ours(lease: &Path, token: &str) -> bool {
-    read_lease(lease).is_some_and(|d| d.token == token)
+/// True if `lease` still names us with `token` (nobody took it over);
+/// false if it names another token or is gone. A lease that cannot be read
+/// (descriptors running out, an I/O error) is an error, not "taken over".
+pub fn still_ours(lease: &Path, token: &str) -> std::io::Result<bool> {
+    Ok(super::sidecar::load_lease(lease)?.is_some_and(|d| d.token == token))
 }
 
 /// What a compare-and-change of a lease found.

@@ -97,8 +97,20 @@ impl LeaseDoc {
     }
 }
 
+/// A lease's content; `None` if it is gone or unreadable for any reason.
+/// Only for what is shown: a decision uses [`load_lease`].
 pub fn read_lease(p: &Path) -> Option<LeaseDoc> {
-    serde_json::from_slice(&fs::read(p).ok()?).ok()
+    load_lease(p).ok().flatten()
+}
+
+/// A lease's content: `Ok(None)` if it is gone or torn (a claim that died
+/// while writing it); an error if it cannot be read now.
+pub fn load_lease(p: &Path) -> io::Result<Option<LeaseDoc>> {
+    match fs::read(p) {
+        Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::util::with_path("read", p, e)),
+    }
 }
 
 /// Generation and first line (0-based) a lease's file name says.

@@ -56,6 +56,7 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
             }
         }
     }
+    // One file open at a time, however many wait (a busy API asks often).
     let mut opened = Vec::new();
     for e in entries {
         s.pending_files += 1;
@@ -65,11 +66,18 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
         let Ok(p) = Probe::read(&e.name, &f) else {
             continue;
         };
-        opened.push((e, f, p));
+        opened.push((e, p));
     }
-    let probes: Vec<Probe> = opened.iter().map(|(_, _, p)| p.clone()).collect();
+    let probes: Vec<Probe> = opened.iter().map(|(_, p)| p.clone()).collect();
     let keys = ident::assign(&probes, &known, &mount);
-    for ((e, f, p), key) in opened.into_iter().zip(keys) {
+    for ((e, p), key) in opened.into_iter().zip(keys) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(f) = super::scan::open_regular(&pending.join(&e.name)) else {
+            continue;
+        };
+        if f.metadata().map(|m| m.ino()).ok() != Some(p.ino) {
+            continue; // replaced meanwhile
+        }
         let dir = key
             .filter(|k| known[k].head_matches(&p))
             .map(|k| spool.files().join(k));

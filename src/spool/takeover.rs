@@ -17,7 +17,7 @@ use super::claim::{io_err, ClaimError, Claimed, Claimer, Gone, Held};
 use super::ident::{self, Probe};
 use super::lines::{Line, LineReader, Next};
 use super::scan::scan;
-use super::sidecar::{lease_start, list_leases, read_cursor, read_lease, write_cursor, LeaseDoc};
+use super::sidecar::{lease_start, list_leases, load_lease, read_cursor, write_cursor, LeaseDoc};
 use crate::util::atomic_write;
 
 /// The sidecar keys of the files in `pending/`, from a listing under the
@@ -90,7 +90,14 @@ impl Claimer {
                 if held.contains(&lp) {
                     continue;
                 }
-                let Some(doc) = read_lease(&lp) else {
+                let doc = match load_lease(&lp) {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        tracing::warn!("{e}; looked at again next time");
+                        continue;
+                    }
+                };
+                let Some(doc) = doc else {
                     let cur = read_cursor(&dir.join("cursor"))?;
                     if lease_start(&lp).is_some_and(|(g, l)| g != cur.gen || l > cur.line) {
                         tracing::warn!(lease = %lp.display(), "removing a lease torn by a crash while claiming");
