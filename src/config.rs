@@ -748,6 +748,7 @@ impl Config {
         }
         for f in [
             cfg.webhook.secret_file.as_mut(),
+            cfg.engine.token_file.as_mut(),
             cfg.api.tokens_file.as_mut(),
             cfg.api.verify_secret_file.as_mut(),
         ]
@@ -948,6 +949,25 @@ impl Config {
                     "metrics.listen",
                     "must be an address like \"127.0.0.1:9464\"",
                 ));
+            }
+        }
+        if let Some(p) = &self.engine.token_file {
+            // A token file we cannot use would send no Authorization at
+            // all: said here, not found out from a server's 401s.
+            match std::fs::read_to_string(p) {
+                Ok(t) if t.trim().is_empty() => {
+                    return Err(bad(
+                        "engine.token_file",
+                        &format!("{} is empty; put the server's token in it", p.display()),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(bad(
+                        "engine.token_file",
+                        &format!("{}: {}", p.display(), crate::util::io_msg(&e)),
+                    ))
+                }
             }
         }
         if !self.api.listen.is_empty() {

@@ -102,17 +102,24 @@ pub fn parse_line(line: &[u8], rules: &TaskRules) -> Result<Task, InvalidTask> {
             (None, None) => Ok(None),
         }
     };
-    let mut string =
-        |name: &'static str, alias: Option<&'static str>| -> Result<Option<String>, InvalidTask> {
-            match take(name, alias)? {
+    let mut string = |name: &'static str,
+                      alias: Option<&'static str>|
+     -> Result<Option<String>, InvalidTask> {
+        match take(name, alias)? {
                 None | Some((_, Value::Null)) => Ok(None),
+                // A process's arguments and environment end at a NUL: the
+                // engine would get another text than the task's (or none).
+                Some((used, Value::String(s))) if s.contains('\0') => Err(InvalidTask(format!(
+                    "{used}: contains a NUL character (\\u0000) at character {}, which no engine can be given (process arguments end there); remove it",
+                    s.chars().position(|c| c == '\0').unwrap_or(0) + 1
+                ))),
                 Some((_, Value::String(s))) => Ok(Some(s)),
                 Some((used, v)) => Err(InvalidTask(format!(
                     "{used}: must be a string, got {}",
                     kind_of(&v)
                 ))),
             }
-        };
+    };
     let input_text = string("input_text", Some("syn_text"))?;
     let output_name = string("output_name", Some("uttid"))?;
     let id = string("id", None)?;
@@ -377,6 +384,12 @@ mod tests {
         );
         assert!(err("[1]").contains("JSON object"));
         assert!(err("{\"input_text\":").contains("invalid JSON"));
+        assert!(err(r#"{"input_text":"x\u0000y","output_name":"a"}"#)
+            .starts_with("input_text: contains a NUL character (\\u0000) at character 2"));
+        assert!(
+            err(r#"{"input_text":"x","prompt_text":"\u0000","output_name":"a"}"#)
+                .starts_with("prompt_text: contains a NUL")
+        );
     }
 
     #[test]

@@ -390,6 +390,20 @@ pub fn warn_out_of_descriptors(what: &str) {
     }
 }
 
+/// At most `max` bytes of a peer's answer body, as text; the rest is never
+/// read into memory (a server may send an endless or huge error page).
+pub async fn read_capped(mut resp: reqwest::Response, max: usize) -> String {
+    let mut buf = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = max - buf.len();
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= max {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// Dies here, as a `kill -9` would, when `TTSPOOL_FAILPOINT` names `point`:
 /// the crash tests stop a command at each step of a protocol this way.
 pub fn failpoint(point: &str) {

@@ -496,3 +496,81 @@ fn idle_and_slow_clients_hold_up_neither_claims_nor_other_requests() {
     slow.join().unwrap();
     api.stop();
 }
+
+/// Closed by default (issue 21, 2): credentials that hold none never open
+/// the API, at start or at a reload.
+#[test]
+fn an_empty_or_deleted_tokens_file_never_opens_the_api() {
+    // At start: refused as a config error, for a non-loopback listen.
+    for content in ["", "# only a comment\n\n"] {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        fs::write(&tokens, content).unwrap();
+        let port = free_port();
+        let env = Env::new(&format!(
+            "[api]\nlisten = \"0.0.0.0:{port}\"\ntokens_file = \"{}\"\n",
+            tokens.display()
+        ));
+        let out = env.run(&["run"], 30);
+        assert_eq!(out.status.code(), Some(2), "refused at start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("holds no token"), "{err}");
+        let out = env.run(&["check"], 30);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("holds no token")
+                || String::from_utf8_lossy(&out.stderr).contains("holds no token")
+        );
+        let missing = env.root().join("nope");
+        let env2 = Env::new(&format!(
+            "[api]\nlisten = \"0.0.0.0:{port}\"\ntokens_file = \"{}\"\n",
+            missing.display()
+        ));
+        assert_eq!(env2.run(&["run"], 30).status.code(), Some(2));
+    }
+    // At reload: emptying the file revokes every token; deleting it too;
+    // a token in the file opens it again.
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    fs::write(&tokens, "orders:tok-0123456789abcdef\n").unwrap();
+    let port = free_port();
+    let env = Env::new(&format!(
+        "[api]\nlisten = \"0.0.0.0:{port}\"\ntokens_file = \"{}\"\n",
+        tokens.display()
+    ));
+    let mut api = Api {
+        env,
+        base: format!("http://127.0.0.1:{port}"),
+        daemon: None,
+    };
+    api.spawn();
+    let good = ["-H", "Authorization: Bearer tok-0123456789abcdef"];
+    let post = |api: &Api, id: &str, auth: &[&str]| {
+        api.post("application/json", task(id, "x").as_bytes(), auth)
+            .status
+    };
+    assert_eq!(post(&api, "c1", &good), 202);
+    assert_eq!(post(&api, "c2", &[]), 401);
+    let hup =
+        |api: &Api| unsafe { libc::kill(api.daemon.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+    for revoke in ["empty", "comments", "deleted"] {
+        match revoke {
+            "empty" => fs::write(&tokens, "").unwrap(),
+            "comments" => fs::write(&tokens, "# revoked\n").unwrap(),
+            _ => fs::remove_file(&tokens).unwrap(),
+        }
+        hup(&api);
+        wait_until(30, "the old token revoked", || {
+            post(&api, "x", &good) == 401
+        });
+        assert_eq!(post(&api, "c3", &[]), 401, "{revoke}: never open");
+        let log = fs::read_to_string(api.env.root().join("daemon-a.log")).unwrap();
+        assert!(log.contains("API closed"), "the log says why");
+        fs::write(&tokens, "orders:tok-0123456789abcdef\n").unwrap();
+        hup(&api);
+        wait_until(30, "the token accepted again", || {
+            post(&api, &format!("ok-{revoke}"), &good) == 202
+        });
+    }
+    api.stop();
+}

@@ -331,3 +331,41 @@ fn slow_clients_of_the_metrics_port_do_not_starve_the_spool() {
         "accept errors in a loop:\n{log}"
     );
 }
+
+#[test]
+fn nul_bytes_in_task_text_are_invalid_tasks_and_pause_no_slot() {
+    let env = Env::new("[gpu]\nmax_parallel = 2\n");
+    let mut content = String::new();
+    for i in 0..200 {
+        if i % 33 == 5 {
+            content.push_str(&format!(
+                "{{\"id\":\"nul{i}\",\"input_text\":\"x\\u0000y\",\"output_name\":\"nul{i}\"}}\n"
+            ));
+        } else {
+            content.push_str(&task_line(&format!("ok{i}"), "x"));
+        }
+    }
+    env.drop_file("mixed.jsonl", &content);
+    let out = env.run_once();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed = env.failed();
+    assert_eq!(failed.len(), 6, "{failed:#?}");
+    for r in &failed {
+        assert_eq!(r["error"]["kind"], "invalid_task", "{r}");
+        assert_eq!(r["attempts"], 0, "never run: {r}");
+        let msg = r["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("input_text: contains a NUL character"),
+            "{msg}"
+        );
+    }
+    assert_eq!(env.done().len(), 194);
+    assert!(
+        !stderr.contains("pausing it"),
+        "the breaker paused a slot:\n{stderr}"
+    );
+    assert!(
+        env.starts().keys().all(|id| id.starts_with("ok")),
+        "a NUL task reached the engine"
+    );
+}

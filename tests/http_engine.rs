@@ -286,3 +286,66 @@ fn an_openai_style_server_is_asked_not_to_stream() {
     assert_eq!(env.done().len(), 1, "{:?}", env.failed());
     assert!(is_wav(&env.out().join("oa1.wav")));
 }
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Issue 21, 5 and 9: a server's answer is read within bounds.
+#[test]
+fn a_huge_error_body_is_not_read_into_memory_and_a_huge_retry_after_is_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), free_port(), &[]);
+    let env = http_env(&[&s], "", "max_attempts = 2\nbreak_after = 0\n");
+    let mut d = env.spawn("h");
+    wait_until(30, "the daemon up", || {
+        fs::read_to_string(env.root().join("daemon-h.log")).is_ok_and(|l| l.contains("ttspool"))
+    });
+    assert!(
+        d.try_wait().unwrap().is_none(),
+        "{}",
+        fs::read_to_string(env.root().join("daemon-h.log")).unwrap()
+    );
+    let idle = rss_kib(d.id(), "VmRSS:");
+    env.drop_file(
+        "h.jsonl",
+        &(task_line("huge", "HUGEERROR") + &task_line("forever", "RETRYFOREVER")),
+    );
+    wait_until(120, "the huge error recorded", || {
+        env.failed().iter().any(|r| r["id"] == "huge")
+    });
+    let peak = rss_kib(d.id(), "VmHWM:");
+    let huge = env
+        .failed()
+        .into_iter()
+        .find(|r| r["id"] == "huge")
+        .unwrap();
+    assert_eq!(huge["error"]["kind"], "engine_rejected", "{huge}");
+    assert!(
+        peak < idle + 64 * 1024,
+        "peak RSS {peak} KiB against {idle} KiB idle: the body was read"
+    );
+    // Retry-After: 1e9 is obeyed only up to the cap: the task is not left
+    // claimed for 31 years.
+    let log = fs::read_to_string(env.root().join("daemon-h.log")).unwrap();
+    assert!(!log.contains("31years"), "an uncapped wait in the log");
+    let waits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("id=forever") && l.contains("wait="))
+        .collect();
+    assert!(
+        waits
+            .iter()
+            .all(|l| l.contains("wait=5m") || l.contains("wait=4m")),
+        "{waits:#?}"
+    );
+    assert!(!waits.is_empty(), "the task waits to be retried");
+    sigterm(&d);
+    assert!(d.wait().unwrap().success());
+    println!("idle RSS {idle} KiB, peak {peak} KiB");
+}

@@ -22,6 +22,9 @@ pub struct Auth {
     tokens: Vec<(String, Vec<u8>)>,
     /// Decoded `whsec_` secrets.
     keys: Vec<Vec<u8>>,
+    /// Why every request is refused (credentials that could not be loaded
+    /// at a reload): closed, never open.
+    closed: Option<String>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -87,18 +90,51 @@ impl Auth {
                 .ok_or("the API verify secret must be whsec_ followed by base64")?;
             auth.keys.push(key);
         }
+        if auth.tokens.is_empty() && auth.keys.is_empty() {
+            // Configured credentials that hold none never mean "anyone":
+            // emptying the tokens file is how an operator revokes them all.
+            if let Some(p) = &cfg.tokens_file {
+                return Err(format!(
+                    "api.tokens_file {} holds no token (only blank or comment lines); add a name:token line                      (the API never opens for want of tokens)",
+                    p.display()
+                ));
+            }
+            let loopback = cfg
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+            if !cfg.listen.is_empty() && !loopback {
+                return Err(format!(
+                    "api.listen {} is reachable from other hosts, but no credential is set:                      set api.tokens_file or api.verify_secret_file (or $TTSPOOL_API_SECRET)",
+                    cfg.listen
+                ));
+            }
+        }
         Ok(auth)
     }
 
-    /// True when no credential is configured (the API then listens on
-    /// loopback only; see config.rs).
+    /// Credentials that refuse every request, saying `why`.
+    pub fn closed(why: String) -> Auth {
+        Auth {
+            closed: Some(why),
+            ..Auth::default()
+        }
+    }
+
+    /// True when no credential is configured and none is needed (the API
+    /// listens on loopback only; see config.rs).
     pub fn is_open(&self) -> bool {
-        self.tokens.is_empty() && self.keys.is_empty()
+        self.tokens.is_empty() && self.keys.is_empty() && self.closed.is_none()
     }
 
     /// Who sent this request (a token's name, or "signed"), or why it is
     /// refused.
     pub fn check(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<String, String> {
+        if let Some(why) = &self.closed {
+            return Err(format!(
+                "the API refuses every request until its credentials load: {why}"
+            ));
+        }
         if self.is_open() {
             return Ok("loopback".into());
         }

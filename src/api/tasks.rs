@@ -110,14 +110,16 @@ impl ApiState {
         }))
     }
 
-    /// A reloaded config: rules, tokens and secrets, limits. A tokens file
-    /// that cannot be read keeps the old credentials.
+    /// A reloaded config: rules, tokens and secrets, limits. Credentials
+    /// that cannot be loaded (a tokens file emptied, deleted or broken)
+    /// close the API: every request gets 401 until they load again — the
+    /// old ones are revoked, never kept, and none never means anyone.
     pub fn reload(&self, cfg: &Config) {
         let auth = match Auth::load(&cfg.api) {
             Ok(a) => a,
             Err(e) => {
-                warn!("API credentials not reloaded, the old ones stay: {e}");
-                return;
+                tracing::error!("API closed: every request is refused (401) until the credentials load again: {e}");
+                Auth::closed(e)
             }
         };
         let mut live = self.live.write().expect("api config");

@@ -101,6 +101,27 @@ impl CommandEngine {
         let run_ms = res.elapsed.as_millis() as u64;
         let outcome = match res.exit {
             Exit::Cancelled => Outcome::Cancelled,
+            // The task's own text cannot be carried to a process (a NUL
+            // that came through a placeholder, arguments over the kernel's
+            // limit): its fault, not the engine's — never retried, never
+            // counted by the breaker.
+            Exit::SpawnFailed(e)
+                if e.kind() == std::io::ErrorKind::InvalidInput
+                    || crate::util::os_error(&e) == Some(libc::E2BIG) =>
+            {
+                Outcome::Failed {
+                    kind: ErrorKind::InvalidTask,
+                    message: format!(
+                        "the task cannot be passed to {}: {}",
+                        spec.argv[0],
+                        io_msg(&e)
+                    ),
+                    stderr_tail: res.stderr_tail,
+                    run_ms,
+                    retry_after: None,
+                    give_up: true,
+                }
+            }
             Exit::SpawnFailed(e) => fail(
                 ErrorKind::SpawnFailed,
                 format!("cannot start {}: {}", spec.argv[0], io_msg(&e)),

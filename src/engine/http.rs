@@ -246,13 +246,15 @@ impl HttpEngine {
         })?;
         let status = resp.status();
         if !status.is_success() {
+            // A server's wish, within reason: a huge value would keep the
+            // task claimed with no record for years.
             let retry_after = resp
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let text = resp.text().await.unwrap_or_default();
+                .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+            let text = crate::util::read_capped(resp, MAX_ERROR_BODY).await;
             let message = server_message(&text);
             let code = status.as_u16();
             let rejected = status.is_client_error() && !matches!(code, 401 | 403 | 408 | 429);
@@ -311,6 +313,13 @@ impl HttpEngine {
         Ok(())
     }
 }
+
+/// Bytes of a server's error answer read, at most (its message is shown
+/// cut much shorter; a 1 GiB error page is not read into memory).
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// The longest `Retry-After` from a TTS server obeyed.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// The bearer token: `engine.token_file`, else `$TTSPOOL_ENGINE_TOKEN`.
 pub fn token(cfg: &Config) -> Option<String> {

@@ -159,16 +159,8 @@ fn root_cause(e: &dyn std::error::Error) -> String {
     msg
 }
 
-async fn read_capped(mut resp: reqwest::Response) -> String {
-    let mut buf = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = MAX_RESPONSE - buf.len();
-        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if buf.len() >= MAX_RESPONSE {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&buf).into_owned()
+async fn read_capped(resp: reqwest::Response) -> String {
+    crate::util::read_capped(resp, MAX_RESPONSE).await
 }
 
 /// `Retry-After`: seconds, or an HTTP date.

@@ -326,9 +326,16 @@ impl Env {
     }
 }
 
+/// The complete lines of a JSONL file: a last line without its `\n` is
+/// still being appended (the daemon may be writing while a test reads) and
+/// is left for the next look.
 pub fn read_jsonl(p: &Path) -> Vec<Value> {
-    fs::read_to_string(p)
-        .unwrap_or_default()
+    let text = fs::read_to_string(p).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..i],
+        None => "",
+    };
+    complete
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l:?}: {e}")))

@@ -132,7 +132,8 @@ class Handler(BaseHTTPRequestHandler):
                             return self.error(400, "reference audio does not match")
         mode = args.mode
         for word, m in (("FAIL500", "fail"), ("HANG", "hang"), ("GARBAGE", "garbage"),
-                        ("CLOSEMID", "close"), ("BUSY503", "busy"), ("REJECT400", "reject")):
+                        ("CLOSEMID", "close"), ("BUSY503", "busy"), ("REJECT400", "reject"),
+                        ("HUGEERROR", "huge"), ("RETRYFOREVER", "forever")):
             if word in text:
                 mode = m
         time.sleep(args.delay)
@@ -142,6 +143,23 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(400, "text too long for this model")
         if mode == "busy":
             return self.error(503, "model loading", [("Retry-After", "1")])
+        if mode == "forever":
+            return self.error(503, "come back in 31 years", [("Retry-After", "1000000000")])
+        if mode == "huge":
+            # A 1 GiB error page, made as it is sent.
+            size = 1 << 30
+            self.send_response(400)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            chunk = b"x" * (1 << 20)
+            try:
+                for _ in range(size // len(chunk)):
+                    self.wfile.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+            return
         if mode == "hang":
             time.sleep(3600)
             return
