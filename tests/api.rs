@@ -574,3 +574,24 @@ fn an_empty_or_deleted_tokens_file_never_opens_the_api() {
     }
     api.stop();
 }
+
+/// Issue 21, 4: a pending file written by the API is readable by the
+/// daemon's user only (a callback_url may carry a token).
+#[test]
+fn pending_files_written_by_the_api_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut api = Api::start("", "");
+    let r = api.post("application/json", task("p1", "x").as_bytes(), &[]);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let mut modes = Vec::new();
+    for dir in ["pending", "pending/.consumed"] {
+        for e in fs::read_dir(api.env.spool().join(dir)).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("api-") {
+                modes.push(e.metadata().unwrap().permissions().mode() & 0o777);
+            }
+        }
+    }
+    assert!(!modes.is_empty());
+    assert!(modes.iter().all(|&m| m == 0o600), "{modes:?}");
+    api.stop();
+}

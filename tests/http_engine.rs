@@ -349,3 +349,33 @@ fn a_huge_error_body_is_not_read_into_memory_and_a_huge_retry_after_is_capped() 
     assert!(d.wait().unwrap().success());
     println!("idle RSS {idle} KiB, peak {peak} KiB");
 }
+
+/// Issue 21, 4: a server URL's credentials never reach a record or the log.
+#[test]
+fn credentials_in_an_engine_url_stay_out_of_records_and_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), free_port(), &[]);
+    let mut env = Env::new("[retry]\nbackoff = \"100ms\"\nmax_attempts = 1\n");
+    env.engine_extra = format!(
+        "kind = \"http\"\nurls = [\"http://user:S3CRETPASS@127.0.0.1:{}/v1/tts?api_key=S3CRETKEY\"]\ntimeout = \"3s\"\n",
+        s.port
+    );
+    env.write_config();
+    // One failing answer, and one server that is not there at all.
+    env.drop_file("c.jsonl", &task_line("fails", "FAIL500"));
+    let out = env.run(&["run", "--once"], 60);
+    let failed = env.failed();
+    assert_eq!(failed.len(), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    let text = serde_json::to_string(&failed).unwrap() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("127.0.0.1"),
+        "the server is still named: {text}"
+    );
+    assert!(!text.contains("S3CRET"), "a secret leaked: {text}");
+    drop(s);
+    env.drop_file("d.jsonl", &task_line("down", "x"));
+    let out = env.run(&["run", "--once"], 60);
+    let text =
+        serde_json::to_string(&env.failed()).unwrap() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("S3CRET"), "a secret leaked: {text}");
+}

@@ -102,10 +102,12 @@ fn write_group(pending: &Path, lines: &[&String]) -> Result<String, String> {
             buf.extend_from_slice(l.as_bytes());
             buf.push(b'\n');
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        // 0600: a task's callback_url may carry its receiver's token.
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            0o600,
+        )
+        .open(&tmp)?;
         f.write_all(&buf)?;
         f.sync_all()?;
         std::fs::rename(&tmp, pending.join(&name))?;

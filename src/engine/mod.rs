@@ -225,11 +225,12 @@ impl Engine {
     /// Whether the slot's engine works, without a task (see
     /// [`Engine::can_probe`]).
     pub async fn probe(&self, slot: &Slot) -> Result<(), String> {
-        match self {
+        let res = match self {
             Engine::Http(h) => h.probe(slot).await,
             Engine::Worker(w) => w.probe(slot).await,
             _ => Ok(()),
-        }
+        };
+        res.map_err(|why| crate::redact::urls_in(&why).into_owned())
     }
 
     /// Jobs per batch at most.
@@ -243,6 +244,40 @@ impl Engine {
     /// Runs a batch on a slot; one outcome per job, in order. `free` may be
     /// released once no child of the batch runs any more.
     pub async fn run_batch(
+        &self,
+        jobs: &[Job],
+        slot: &Slot,
+        cancel: watch::Receiver<bool>,
+        free: &mut SlotRelease,
+    ) -> Vec<Outcome> {
+        let mut out = self.run_jobs(jobs, slot, cancel, free).await;
+        // What an engine says goes into records, webhooks, API answers and
+        // logs: URLs in it lose their user info and query (a server URL's
+        // password or api_key, a reqwest error quoting the URL).
+        for o in &mut out {
+            if let Outcome::Failed {
+                message,
+                stderr_tail,
+                ..
+            } = o
+            {
+                if let std::borrow::Cow::Owned(m) = crate::redact::urls_in(message) {
+                    *message = m;
+                }
+                if let std::borrow::Cow::Owned(t) = crate::redact::urls_in(stderr_tail) {
+                    *stderr_tail = t;
+                }
+            }
+            if let Outcome::Split { message, .. } = o {
+                if let std::borrow::Cow::Owned(m) = crate::redact::urls_in(message) {
+                    *message = m;
+                }
+            }
+        }
+        out
+    }
+
+    async fn run_jobs(
         &self,
         jobs: &[Job],
         slot: &Slot,
