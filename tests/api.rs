@@ -279,6 +279,33 @@ fn requests_without_valid_credentials_are_refused() {
     };
     let signed = task("s2", "x");
     assert_eq!(post_signed("msg_a", &signed, &signed, 0).status, 202);
+    // A captured signed request replayed with an Idempotency-Key nobody
+    // signed (issue 21, 7): the same message, nothing new is published.
+    let lines_before = api.spooled_lines();
+    let s = sign("msg_a", 0, &signed);
+    let (ts, sig) = s.split_once(' ').unwrap();
+    for extra in ["replay-1", "replay-2", "replay-3"] {
+        let r = api.post(
+            "application/json",
+            signed.as_bytes(),
+            &[
+                "-H",
+                "webhook-id: msg_a",
+                "-H",
+                &format!("webhook-timestamp: {ts}"),
+                "-H",
+                &format!("webhook-signature: {sig}"),
+                "-H",
+                &format!("Idempotency-Key: {extra}"),
+            ],
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    assert_eq!(
+        api.spooled_lines(),
+        lines_before,
+        "a replay published tasks"
+    );
     let tampered = task("s3", "x");
     let r = post_signed("msg_b", &signed, &tampered, 0);
     assert_eq!(r.status, 401, "{}", r.body);

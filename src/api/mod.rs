@@ -42,8 +42,9 @@ pub mod tasks;
 
 /// A connection must send a whole request head within this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request must be answered within this.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request must be answered within this: a long poll's longest `?wait=`
+/// (SPEC §11: 60 s) and a margin.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(75);
 /// Bodies of requests to the metrics routes (they take none).
 const METRICS_MAX_BODY: usize = 16 * 1024;
 

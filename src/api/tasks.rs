@@ -332,11 +332,17 @@ async fn post_tasks(
             return Err(e);
         }
     }
-    let key = headers
-        .get("idempotency-key")
-        .or_else(|| headers.get("webhook-id"))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // A signed request is the signed message `webhook-id` names: a header
+    // nobody signed (an added Idempotency-Key) must not make a captured
+    // request new again.
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let key = if who == "signed" {
+        header("webhook-id").map(str::to_string)
+    } else {
+        header("idempotency-key")
+            .or_else(|| header("webhook-id"))
+            .map(str::to_string)
+    };
     let body_hash = crate::spool::ident::digest(&body);
     let unavailable = |m: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m);
     let mut key_file = None;
