@@ -379,3 +379,78 @@ fn credentials_in_an_engine_url_stay_out_of_records_and_logs() {
         serde_json::to_string(&env.failed()).unwrap() + &String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("S3CRET"), "a secret leaked: {text}");
 }
+
+/// Issue 21, 10: a daemon whose TTS server is down hands back the lines it
+/// claimed, and a daemon whose server works does them within a lease.
+#[test]
+fn a_host_whose_server_is_down_hands_its_claimed_lines_to_a_healthy_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), free_port(), &[]);
+    let env = http_env(&[&s], "", "max_attempts = 5\n");
+    let dead_port = free_port();
+    let spawn = |name: &str, port: u16| {
+        let path = env.instance_config(name);
+        let text = fs::read_to_string(&path).unwrap().replace(
+            &format!("127.0.0.1:{}/", s.port),
+            &format!("127.0.0.1:{port}/"),
+        );
+        fs::write(&path, text).unwrap();
+        env.cmd_with(&path, &["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                fs::File::create(env.root().join(format!("daemon-{name}.log"))).unwrap(),
+            ))
+            .spawn()
+            .unwrap()
+    };
+    let mut down = spawn("down", dead_port);
+    let content: String = (0..20).map(|i| task_line(&format!("h{i}"), "x")).collect();
+    env.drop_file("h.jsonl", &content);
+    let log = |name: &str| {
+        fs::read_to_string(env.root().join(format!("daemon-{name}.log"))).unwrap_or_default()
+    };
+    wait_until(60, "the down host to hand its lines back", || {
+        log("down").contains("handing the tasks claimed here back")
+    });
+    let started = Instant::now();
+    let mut up = spawn("up", s.port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.done().len() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let notable = |name: &str| -> String {
+        log(name)
+            .lines()
+            .filter(|l| !l.contains("stage=\"completed\"") && !l.contains("stage=\"started\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        env.done().len(),
+        20,
+        "down:\n{}\nup:\n{}",
+        notable("down"),
+        notable("up")
+    );
+    let took = started.elapsed();
+    let lease = Duration::from_secs(3);
+    assert!(
+        took < lease + Duration::from_secs(5),
+        "the healthy host took {took:?}:\n{}",
+        log("down")
+    );
+    for d in [&mut down, &mut up] {
+        sigterm(d);
+        assert!(d.wait().unwrap().success());
+    }
+    assert!(env.failed().is_empty(), "{:?}", env.failed());
+    let mut ids: Vec<String> = env
+        .done()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20);
+    assert!(env.done().iter().all(|r| r["instance"] == "up"));
+}

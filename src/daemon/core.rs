@@ -161,6 +161,9 @@ pub enum Effect {
     /// Ask the engine whether a paused slot works again, without a task
     /// (answer: [`Event::Probed`]).
     Probe(Slot, Arc<Engine>),
+    /// Hand these leases back to the spool (compare-and-set by token), for
+    /// any daemon to take at once: (lease, token, lines).
+    HandBack(Vec<(PathBuf, String, usize)>),
 }
 
 /// What is done along with a takeover, every `spool.lease / 4`.
@@ -170,6 +173,9 @@ pub struct Housekeeping {
     pub textfile: Option<PathBuf>,
     /// Delete consumed files older than this.
     pub retention: Option<Duration>,
+    /// Take over abandoned and handed-back leases (not while every slot is
+    /// paused: we could run none of them).
+    pub adopt: bool,
 }
 
 impl std::fmt::Debug for Effect {
@@ -179,6 +185,7 @@ impl std::fmt::Debug for Effect {
             Effect::TakeOver(_) => write!(f, "TakeOver"),
             Effect::Start(s) => write!(f, "Start(batch {}, {} work(s))", s.batch_id, s.works.len()),
             Effect::Cancel(id) => write!(f, "Cancel({id})"),
+            Effect::HandBack(l) => write!(f, "HandBack({} lease(s))", l.len()),
             Effect::Commit(c) => write!(
                 f,
                 "Commit({} {}:{})",
@@ -314,6 +321,12 @@ pub struct Core {
     all_paused_logged: bool,
     /// The last claim error logged, and when.
     claim_error_logged: Option<(String, Instant)>,
+    /// Every slot just paused: hand back what is not started, once the
+    /// finishing batch's records are on their way.
+    hand_back_due: bool,
+    /// Records on their way to the logs, per lease (a lease with one is
+    /// not handed back).
+    committing: HashMap<PathBuf, usize>,
 }
 
 /// Claims paused for lack of space.
@@ -382,6 +395,8 @@ impl Core {
             breakers: HashMap::new(),
             all_paused_logged: false,
             claim_error_logged: None,
+            committing: HashMap::new(),
+            hand_back_due: false,
             opts,
             cfg,
         }
@@ -429,7 +444,8 @@ impl Core {
                 match res {
                     Ok(batch) => {
                         self.claim_error_logged = None;
-                        self.claimed(batch)
+                        self.claimed(batch);
+                        self.hand_back_if_all_paused();
                     }
                     Err(e @ ClaimError::LockBroken(_)) => self.fatal = Some(e.to_string()),
                     Err(e) if e.is_disk_full() => {
@@ -477,6 +493,7 @@ impl Core {
                         for (held, lines) in list {
                             self.adopt(held, lines);
                         }
+                        self.hand_back_if_all_paused();
                     }
                     Err(e @ (ClaimError::LockLost(_) | ClaimError::LockBroken(_))) => {
                         self.fatal = Some(e.to_string())
@@ -535,6 +552,9 @@ impl Core {
                 for w in again.into_iter().rev() {
                     self.sched.push_front(w);
                 }
+                if std::mem::take(&mut self.hand_back_due) {
+                    self.hand_back_if_all_paused();
+                }
             }
             Event::SlotResume(index) if self.engine.can_probe() => {
                 // Ask first: a broken server (or a refused token) costs no
@@ -579,6 +599,12 @@ impl Core {
                 self.disk_has_space();
                 for (rec, lease, line, outcome) in list {
                     self.uncommitted -= 1;
+                    if let Some(n) = self.committing.get_mut(&lease) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.committing.remove(&lease);
+                        }
+                    }
                     let written = outcome == CommitOutcome::Durable;
                     let c = rec.common();
                     if written {
@@ -813,6 +839,7 @@ impl Core {
             max_line_bytes: self.cfg.limits.max_line_bytes,
             textfile: self.cfg.metrics.textfile.clone(),
             retention: self.cfg.retention.consumed.map(|d| d.0),
+            adopt: !self.recovered || self.sched.usable() > 0,
         }));
     }
 
@@ -1317,6 +1344,9 @@ impl Core {
                     self.last_error = Some(format!(
                         "the engine kept failing, so its breaker paused every slot: {message}"
                     ));
+                    // After this batch's outcomes are committed (the
+                    // Finished handler): see hand_back_if_all_paused.
+                    self.hand_back_due = true;
                 }
                 let paused = self.paused_slots();
                 self.fx.push(Effect::SlotHealth(paused));
@@ -1327,6 +1357,52 @@ impl Core {
             }
             _ => false,
         }
+    }
+
+    /// A claim or takeover that was under way when the last slot paused
+    /// brings lines we cannot run: they go back too.
+    fn hand_back_if_all_paused(&mut self) {
+        if self.sched.usable() == 0 && !self.opts.once && self.stopping == 0 && self.recovered {
+            self.hand_back_unstarted();
+        }
+    }
+
+    /// Every slot is paused (the engine or its servers are down here): the
+    /// lines we claimed and have not started go back to the spool, so a
+    /// daemon whose engine works takes them at once instead of after our
+    /// pause. Leases with a running task stay ours.
+    fn hand_back_unstarted(&mut self) {
+        let running: std::collections::HashSet<PathBuf> =
+            self.running.values().flatten().cloned().collect();
+        let mut back = Vec::new();
+        for (lease, token) in self.leases.tokens() {
+            if running.contains(&lease) || self.committing.contains_key(&lease) {
+                continue;
+            }
+            if let Some(lines) = self.leases.forget(&lease) {
+                back.push((lease, token, lines));
+            }
+        }
+        if back.is_empty() {
+            return;
+        }
+        // Queued works of those leases go; retries waiting on a timer find
+        // their lease gone and drop themselves.
+        let keep: Vec<Work> = self
+            .sched
+            .take_queue()
+            .into_iter()
+            .filter(|w| self.leases.holds(&w.claim.lease))
+            .collect();
+        for w in keep.into_iter().rev() {
+            self.sched.push_front(w);
+        }
+        let n: usize = back.iter().map(|(_, _, l)| l).sum();
+        warn!(
+            tasks = n,
+            "every slot is paused: handing the tasks claimed here back to the spool, for daemons whose engine works"
+        );
+        self.fx.push(Effect::HandBack(back));
     }
 
     /// Slot indexes the breaker holds paused, in order.
@@ -1344,6 +1420,7 @@ impl Core {
     /// The one place a task is finished: its record goes to the committer.
     fn commit(&mut self, c: ClaimRef, record: Record) {
         self.uncommitted += 1;
+        *self.committing.entry(c.lease.clone()).or_default() += 1;
         self.fx.push(Effect::Commit(Box::new(Commit {
             record,
             lease: c.lease,
@@ -1846,14 +1923,30 @@ mod tests {
         }
         assert_eq!(resumes, [0], "the slot is paused once");
         assert!(commits(&fx).is_empty(), "no task failed for good: {fx:?}");
+        // Its only slot paused, the daemon hands the lines it claimed back
+        // to the spool for daemons whose engine works.
+        let back: Vec<(PathBuf, String, usize)> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::HandBack(l) => Some(l.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(back, [(PathBuf::from("L"), "T".to_string(), 5)], "{fx:?}");
         let fx = step(&mut r.core, Event::Tick);
         assert!(
             !fx.iter()
                 .any(|e| matches!(e, Effect::Start(_) | Effect::Claim { .. })),
             "every slot is paused: nothing starts, nothing is claimed: {fx:?}"
         );
-        // The pause is over: a task is tried again.
-        let mut fx = step(&mut r.core, Event::SlotResume(0));
+        // The pause is over: lines are claimed, and one is the trial.
+        let fx = step(&mut r.core, Event::SlotResume(0));
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Claim { .. })),
+            "{fx:?}"
+        );
+        let mut fx = step(&mut r.core, Event::Claimed(Ok(claim("L2", "T2", 3))));
         let trial = started(&mut fx).expect("a trial run");
         // It works: the slot is trusted again, the others follow.
         let fx = finish(&mut r.core, trial, Outcome::Completed { run_ms: 1 });

@@ -103,6 +103,20 @@ impl Shell {
                     |(lease, res)| Event::LeaseDeleted(lease, res),
                 );
             }
+            Effect::HandBack(leases) => {
+                let claimer = self.claimer.clone();
+                self.blocking(
+                    move || {
+                        let c = claimer.lock().expect("claimer");
+                        for (lease, token, _) in leases {
+                            if let Err(e) = c.hand_back(&lease, &token) {
+                                error!("{e}");
+                            }
+                        }
+                    },
+                    |()| Event::Hint,
+                );
+            }
             Effect::CheckLeases(leases) => self.blocking(
                 move || {
                     leases
@@ -231,7 +245,13 @@ impl Shell {
         let work = move || {
             refresh_gauges(&spool, &metrics, &h);
             let mut claimer = c.lock().expect("claimer");
-            let res = claimer.take_over();
+            // While every slot is paused we could run nothing we took: the
+            // leases stay for daemons whose engine works.
+            let res = if h.adopt {
+                claimer.take_over()
+            } else {
+                claimer.heartbeat().map(|()| Vec::new())
+            };
             // Webhooks of a dead daemon: adopt its outbox folder.
             let others = w.outbox.others().unwrap_or_default();
             let log = RecordLog::new(&spool);
