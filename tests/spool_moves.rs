@@ -313,13 +313,10 @@ fn three_thousand_files_through_20_kill_9s_are_all_consumed_without_an_error() {
         std::fs::rename(&tmp, pending.join(format!("f{i:04}.jsonl"))).unwrap();
     }
     // A small deterministic spread of kill moments.
-    let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     for _ in 0..20 {
         let d = env.spawn("k");
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(std::time::Duration::from_millis(150 + seed % 600));
+        std::thread::sleep(std::time::Duration::from_millis(150 + rng.next() % 600));
         sigkill(&d);
         let mut d = d;
         d.wait().unwrap();

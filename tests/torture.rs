@@ -11,17 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A small deterministic PRNG (xorshift), so a failure can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     // Tiny log rotation, so takeovers also have to look across rotated logs.

@@ -427,3 +427,27 @@ pub fn glm_line(id: &str, text: &str) -> String {
 pub fn glm_runs(env: &Env) -> Vec<Value> {
     read_jsonl(&env.root().join("glm.log"))
 }
+
+/// Sends `sig` ("STOP", "CONT", "KILL", ...) to a child.
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// A small deterministic PRNG (xorshift), so a failure can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
