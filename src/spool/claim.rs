@@ -984,6 +984,39 @@ mod tests {
         assert_eq!(rest.lines.iter().map(|l| l.no).collect::<Vec<_>>(), [3]);
     }
 
+    /// Issue 29: `status` right after kills — a record written before the
+    /// lease was deleted is done, not in flight; a lease whose cursor was
+    /// never moved is in flight, not pending too.
+    #[test]
+    fn status_counts_a_killed_daemons_lines_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.create_dirs().unwrap();
+        fs::write(
+            spool.pending().join("f.jsonl"),
+            "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n",
+        )
+        .unwrap();
+        let mut a = claimer(&spool, "a");
+        let b = a.claim(2).unwrap();
+        let file_id = b.lines[0].file_id.clone();
+        // Line 1 has its record; "a" died before deleting the lease.
+        fs::write(
+            spool.done_log(),
+            format!("{{\"id\":\"x\",\"status\":\"completed\",\"source\":{{\"file\":\"f.jsonl\",\"line\":1}},\"file_id\":\"{file_id}\"}}\n"),
+        )
+        .unwrap();
+        let s = summary(&spool, 1 << 20).unwrap();
+        assert_eq!((s.in_flight, s.pending_lines), (1, 1), "{s:?}");
+        // A claim killed between its lease and its cursor: line 3 is in a
+        // lease the cursor does not cover.
+        a.fail_at(Some(Failpoint::AfterLease));
+        // (The failpoint fails that file's claim; the round goes on.)
+        assert!(a.claim(5).is_ok_and(|b| b.lines.is_empty()));
+        let s = summary(&spool, 1 << 20).unwrap();
+        assert_eq!((s.in_flight, s.pending_lines), (2, 0), "{s:?}");
+    }
+
     #[test]
     fn takeover_skips_lines_that_already_have_records() {
         let dir = tempfile::tempdir().unwrap();
