@@ -37,9 +37,9 @@ fn four_daemons_killed_and_stopped_at_random_lose_and_double_nothing() {
     let seed = knob("CHAOS_SEED", 0x9E37_79B9_7F4A_7C15);
     eprintln!("chaos: {secs}s, {files} files x {lines} lines, seed {seed}");
     let mut env = Env::new(&format!("[gpu]\nmax_parallel = {SLOTS}\n"));
-    let lease = Duration::from_secs(2);
+    let lease = Duration::from_secs(3);
     env.spool_extra =
-        "lease = \"2s\"\npoll_interval = \"200ms\"\nsettle = \"200ms\"\nconsume_after = \"1s\"\n"
+        "lease = \"3s\"\npoll_interval = \"200ms\"\nsettle = \"200ms\"\nconsume_after = \"1s\"\n"
             .into();
     env.write_config();
     let pending = env.spool().join("pending");
@@ -135,12 +135,24 @@ fn four_daemons_killed_and_stopped_at_random_lose_and_double_nothing() {
     assert_eq!(per_id.len(), total, "lines lost (no record after 240 s)");
     assert!(failed.is_empty(), "{failed:#?}");
     // Extra engine runs: each kill or stop past the lease may cost the
-    // tasks running on the daemon hit, one per slot; nothing else may.
+    // tasks running on the daemon hit, one per slot; so may a daemon so
+    // slow (a loaded machine) that its heartbeat came late and it was
+    // judged dead — it says so in its log. Nothing else may.
+    let late: usize = names
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(env.root().join(format!("daemon-{n}.log")))
+                .unwrap_or_default()
+                .matches("our heartbeat was late")
+                .count()
+        })
+        .sum();
     let starts = env.starts();
     let extra: usize = starts.values().map(|&n| n - 1).sum();
-    eprintln!("chaos: {extra} extra engine run(s)");
+    eprintln!("chaos: {extra} extra engine run(s); {late} late heartbeat(s) logged");
+    let unexplained_stops = stops.saturating_sub(late);
     assert!(
-        extra <= (kills + stops) * SLOTS,
-        "{extra} extra engine runs for {kills} kills and {stops} stops"
+        extra <= (kills + late + unexplained_stops) * SLOTS,
+        "{extra} extra engine runs for {kills} kills, {stops} stops and {late} late heartbeats"
     );
 }
