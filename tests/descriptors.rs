@@ -49,7 +49,7 @@ fn spawn_limited(env: &Env, nofile: u32) -> Child {
 
 #[test]
 fn two_thousand_files_and_an_api_client_under_ulimit_256_get_one_record_each() {
-    files_and_an_api_client_under(256);
+    files_and_an_api_client_under(256, FILES, 20);
 }
 
 /// So few descriptors that they do run out (the API's connections, the
@@ -57,10 +57,10 @@ fn two_thousand_files_and_an_api_client_under_ulimit_256_get_one_record_each() {
 /// wait for them and go on; nothing is doubled, lost, failed or flooded.
 #[test]
 fn descriptors_that_run_out_pause_and_recover() {
-    files_and_an_api_client_under(30);
+    files_and_an_api_client_under(30, 500, 10);
 }
 
-fn files_and_an_api_client_under(nofile: u32) {
+fn files_and_an_api_client_under(nofile: u32, files: usize, secs: u64) {
     let port = free_port();
     let mut env = Env::new(&format!(
         "[gpu]\nmax_parallel = 2\n[api]\nlisten = \"127.0.0.1:{port}\"\n"
@@ -69,7 +69,7 @@ fn files_and_an_api_client_under(nofile: u32) {
     env.spool_extra = "consume_after = \"30s\"\npoll_interval = \"200ms\"\n".into();
     env.write_config();
     let pending = env.spool().join("pending");
-    for i in 0..FILES {
+    for i in 0..files {
         let tmp = pending.join(format!(".d{i}.tmp"));
         std::fs::write(&tmp, task_line(&format!("d{i}"), "x")).unwrap();
         std::fs::rename(&tmp, pending.join(format!("d{i:05}.jsonl"))).unwrap();
@@ -79,7 +79,7 @@ fn files_and_an_api_client_under(nofile: u32) {
     let mut posted = Vec::new();
     let start = Instant::now();
     let mut n = 0;
-    while start.elapsed() < Duration::from_secs(20) {
+    while start.elapsed() < Duration::from_secs(secs) {
         let id = format!("api{n}");
         n += 1;
         // Refused or not up yet: the client tries a new task later.
@@ -102,7 +102,7 @@ fn files_and_an_api_client_under(nofile: u32) {
         "only {} requests were accepted",
         posted.len()
     );
-    let expected: Vec<String> = (0..FILES)
+    let expected: Vec<String> = (0..files)
         .map(|i| format!("d{i}"))
         .chain(posted.iter().cloned())
         .collect();
