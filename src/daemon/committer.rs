@@ -104,12 +104,10 @@ pub fn committer(
                 // the group waits in memory and is written again; never an
                 // exit with lines in flight.
                 Err(e) if crate::util::is_out_of_descriptors(&e) => {
-                    if fd_wait.is_none() {
-                        tracing::warn!(
-                            "cannot write records: {}; retrying until descriptors free up",
-                            crate::util::io_msg(&e)
-                        );
-                    }
+                    crate::util::warn_out_of_descriptors(&format!(
+                        "cannot write records: {}",
+                        crate::util::io_msg(&e)
+                    ));
                     let w = fd_wait.get_or_insert(Duration::from_millis(100));
                     std::thread::sleep(*w);
                     *w = (*w * 2).min(Duration::from_secs(5));

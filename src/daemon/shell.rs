@@ -106,15 +106,8 @@ impl Shell {
             Effect::HandBack(leases) => {
                 let claimer = self.claimer.clone();
                 self.blocking(
-                    move || {
-                        let c = claimer.lock().expect("claimer");
-                        for (lease, token, _) in leases {
-                            if let Err(e) = c.hand_back(&lease, &token) {
-                                error!("{e}");
-                            }
-                        }
-                    },
-                    |()| Event::Hint,
+                    move || give_back(&claimer.lock().expect("claimer"), leases),
+                    |_| Event::Hint,
                 );
             }
             Effect::CheckLeases(leases) => self.blocking(
@@ -309,14 +302,7 @@ impl Shell {
         if leases.is_empty() {
             return;
         }
-        let c = self.claimer.lock().expect("claimer");
-        let mut n = 0;
-        for (lease, token, lines) in leases {
-            n += lines;
-            if let Err(e) = c.hand_back(&lease, &token) {
-                error!("{e}");
-            }
-        }
+        let n = give_back(&self.claimer.lock().expect("claimer"), leases);
         info!(tasks = n, "handed back unfinished tasks");
     }
 
@@ -340,6 +326,19 @@ impl Shell {
             let _ = tx.send(ev);
         });
     }
+}
+
+/// Hands leases back to the spool (each only if it still has our token);
+/// returns how many lines they held.
+fn give_back(c: &Claimer, leases: Vec<(PathBuf, String, usize)>) -> usize {
+    let mut n = 0;
+    for (lease, token, lines) in leases {
+        n += lines;
+        if let Err(e) = c.hand_back(&lease, &token) {
+            error!("{e}");
+        }
+    }
+    n
 }
 
 /// Heartbeat housekeeping: pending-line gauges, the metrics textfile, and

@@ -254,24 +254,23 @@ impl Engine {
         // What an engine says goes into records, webhooks, API answers and
         // logs: URLs in it lose their user info and query (a server URL's
         // password or api_key, a reqwest error quoting the URL).
-        for o in &mut out {
-            if let Outcome::Failed {
-                message,
-                stderr_tail,
-                ..
-            } = o
-            {
-                if let std::borrow::Cow::Owned(m) = crate::redact::urls_in(message) {
-                    *message = m;
-                }
-                if let std::borrow::Cow::Owned(t) = crate::redact::urls_in(stderr_tail) {
-                    *stderr_tail = t;
-                }
+        let redact = |s: &mut String| {
+            if let std::borrow::Cow::Owned(r) = crate::redact::urls_in(s) {
+                *s = r;
             }
-            if let Outcome::Split { message, .. } = o {
-                if let std::borrow::Cow::Owned(m) = crate::redact::urls_in(message) {
-                    *message = m;
+        };
+        for o in &mut out {
+            match o {
+                Outcome::Failed {
+                    message,
+                    stderr_tail,
+                    ..
+                } => {
+                    redact(message);
+                    redact(stderr_tail);
                 }
+                Outcome::Split { message, .. } => redact(message),
+                Outcome::Completed { .. } | Outcome::Cancelled => {}
             }
         }
         out

@@ -226,13 +226,11 @@ pub async fn run(spec: &ChildSpec, mut cancel: watch::Receiver<bool>) -> ChildRe
                 if crate::util::is_out_of_descriptors(&e)
                     && started.elapsed() + wait < spec.timeout =>
             {
-                if wait == Duration::from_millis(50) {
-                    tracing::warn!(
-                        "cannot start {}: {}; waiting for descriptors to free up",
-                        spec.argv[0],
-                        crate::util::io_msg(&e)
-                    );
-                }
+                crate::util::warn_out_of_descriptors(&format!(
+                    "cannot start {}: {}",
+                    spec.argv[0],
+                    crate::util::io_msg(&e)
+                ));
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }

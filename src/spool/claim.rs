@@ -224,7 +224,7 @@ impl Found {
 
 /// `path` opened, if it is still inode `ino`; `None` if it is gone or was
 /// replaced (the next round sees the new one). Other errors are errors.
-fn reopen(path: &Path, ino: u64) -> Result<Option<File>, ClaimError> {
+pub(super) fn reopen(path: &Path, ino: u64) -> Result<Option<File>, ClaimError> {
     use std::os::unix::fs::MetadataExt;
     let file = match super::scan::open_regular(path) {
         Ok(f) => f,

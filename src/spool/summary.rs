@@ -71,13 +71,9 @@ pub fn summary(spool: &Spool, max_line_bytes: usize) -> io::Result<Summary> {
     let probes: Vec<Probe> = opened.iter().map(|(_, p)| p.clone()).collect();
     let keys = ident::assign(&probes, &known, &mount);
     for ((e, p), key) in opened.into_iter().zip(keys) {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(f) = super::scan::open_regular(&pending.join(&e.name)) else {
-            continue;
+        let Ok(Some(f)) = super::claim::reopen(&pending.join(&e.name), p.ino) else {
+            continue; // gone or replaced meanwhile
         };
-        if f.metadata().map(|m| m.ino()).ok() != Some(p.ino) {
-            continue; // replaced meanwhile
-        }
         let dir = key
             .filter(|k| known[k].head_matches(&p))
             .map(|k| spool.files().join(k));

@@ -17,7 +17,9 @@ use super::claim::{io_err, ClaimError, Claimed, Claimer, Gone, Held};
 use super::ident::{self, Probe};
 use super::lines::{Line, LineReader, Next};
 use super::scan::scan;
-use super::sidecar::{lease_start, list_leases, load_lease, read_cursor, write_cursor, LeaseDoc};
+use super::sidecar::{
+    lease_start, list_leases, load_lease, read_cursor, write_cursor, Cursor, LeaseDoc,
+};
 use crate::util::atomic_write;
 
 /// The sidecar keys of the files in `pending/`, from a listing under the
@@ -147,17 +149,20 @@ impl Claimer {
         self.held.lock().expect("held set").insert(lp.to_path_buf());
         tracing::info!(lease = %lp.display(), from = %old.instance, released = old.released, lines = doc.lines.len(), "took over lease");
         let cursor_path = dir.join("cursor");
-        let mut cur = read_cursor(&cursor_path)?;
+        let cur = read_cursor(&cursor_path)?;
         // A cursor without its log position (the claim that wrote this lease
         // crashed before the cursor): the lease's position bounds the
         // file's records from below, never the logs' end now.
-        let since = cur.since.map_or(doc.pos, |s| s.earliest(doc.pos));
-        if cur.since != Some(since) {
-            cur.since = Some(since);
-            write_cursor(&cursor_path, &cur)?;
-        }
+        let since = Some(cur.since.map_or(doc.pos, |s| s.earliest(doc.pos)));
+        let mut next = Cursor {
+            since,
+            ..cur.clone()
+        };
         if cur.gen == doc.gen && cur.offset < doc.end_off {
-            write_cursor(&cursor_path, &cur.at(doc.end_off, doc.end_line, None))?;
+            next = next.at(doc.end_off, doc.end_line, None);
+        }
+        if next != cur {
+            write_cursor(&cursor_path, &next)?;
         }
         // Which lines already have a record? Read under the records lock, so
         // a record the old owner was writing is either seen here or refused
